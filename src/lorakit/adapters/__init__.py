@@ -1,0 +1,22 @@
+"""Adapter types: one file per type, each registered through :func:`register_adapter` (first match wins,
+in registration order)."""
+
+from .base import ADAPTERS, WeightAdapter, adapter_for_fields, register_adapter
+from .dora import DoRA
+from .full import FullDiff, NormDiff
+from .loha import LoHaWeights
+from .lokr import LoKrWeights
+from .lora import LoRAWeights
+
+__all__ = [
+    "ADAPTERS",
+    "DoRA",
+    "FullDiff",
+    "LoHaWeights",
+    "LoKrWeights",
+    "LoRAWeights",
+    "NormDiff",
+    "WeightAdapter",
+    "adapter_for_fields",
+    "register_adapter",
+]

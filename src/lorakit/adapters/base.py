@@ -1,0 +1,196 @@
+"""The adapter contract: two math methods (``delta_weight`` for fusing, ``delta_output`` for hooks) and
+a validating registry through which built-in and third-party adapter types are declared as data.
+
+Unfused contract (ComfyUI's "bypass"): ``y = f(x) + s * h(x)`` where ``h(x) = delta_output(x, module)``;
+fused contract: ``W' = W + s * delta_weight(W.shape)``. Both include the file's ``alpha / rank``
+scale and exclude the user strength ``s``, which the runtime applies once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import FormatError, IncompleteAdapterError, NonFiniteError, ShapeMismatchError
+
+__all__ = ["ADAPTERS", "WeightAdapter", "adapter_for_fields", "register_adapter"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class WeightAdapter:
+    """A delta on a module's ``weight``. Subclasses are frozen dataclasses whose tensor fields use the
+    canonical field names listed in ``fields``; ``detect`` lists the fields whose presence selects
+    the type (first registered match wins)."""
+
+    kind: ClassVar[str] = ""
+    #: canonical field names that select this adapter type when present
+    detect: ClassVar[tuple[str, ...]] = ()
+    #: every canonical field this adapter reads, required or optional
+    fields: ClassVar[tuple[str, ...]] = ()
+    #: fields that must be present once the type is selected
+    required: ClassVar[tuple[str, ...]] = ()
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_fields(cls, tensors: Mapping[str, torch.Tensor], *, name: str = "?") -> WeightAdapter:
+        """Build from canonical field -> tensor (``alpha`` may be a 0-d tensor). ``name`` is used in errors."""
+        missing = [f for f in cls.required if f not in tensors]
+        if missing:
+            have = ", ".join(sorted(tensors))
+            raise IncompleteAdapterError(
+                f"{name}: {cls.kind} adapter is missing {', '.join(missing)} (has {have}). "
+                "The file is incomplete or truncated; pass strict=False to load the rest and report this layer."
+            )
+        kwargs = {}
+        for field in cls.fields:
+            value = tensors.get(field)
+            if field == "alpha" and value is not None:
+                value = _alpha_value(value, name)
+            kwargs[field] = value
+        obj = cls(**kwargs)
+        obj.validate(name)
+        return obj
+
+    def validate(self, name: str) -> None:
+        """Check shapes and finiteness; raise a FormatError subclass naming ``name``."""
+        for field in self.fields:
+            value = getattr(self, field)
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise NonFiniteError(f"{name}.{field} contains NaN or Inf; the file is corrupt.")
+
+    # -- what the file holds ----------------------------------------------------------------------
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Canonical field -> tensor, without ``alpha`` (see :attr:`alpha`)."""
+        return {f: getattr(self, f) for f in self.fields if f != "alpha" and getattr(self, f) is not None}
+
+    @property
+    def alpha(self) -> float | None:
+        return getattr(self, "alpha", None) if "alpha" in self.fields else None
+
+    @property
+    def rank(self) -> int | None:
+        """The low rank ``r`` (``None`` for full-matrix adapters)."""
+        return None
+
+    @property
+    def scale(self) -> float:
+        """``alpha / rank``, 1 when alpha is missing or the adapter is not low-rank."""
+        alpha, rank = self.alpha, self.rank
+        if alpha is None or not rank:
+            return 1.0
+        return float(alpha) / rank
+
+    def parameters(self) -> int:
+        return sum(t.numel() for t in self.tensors().values())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.tensors().values())).dtype
+
+    def out_features(self) -> int:
+        """Rows of the delta (output features/channels)."""
+        raise NotImplementedError
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> WeightAdapter:
+        changes = {
+            f: getattr(self, f).to(device=device, dtype=dtype if getattr(self, f).is_floating_point() else None)
+            for f in self.fields
+            if isinstance(getattr(self, f), torch.Tensor)
+        }
+        return dataclasses.replace(self, **changes)
+
+    # -- the two math methods -------------------------------------------------------------------
+    def natural_delta(self) -> torch.Tensor:
+        """The delta in its natural shape (fp32), alpha/rank included. Implemented per type."""
+        raise NotImplementedError
+
+    def delta_weight(self, shape: torch.Size | tuple[int, ...] | None = None) -> torch.Tensor:
+        """``ΔW`` in fp32 with ``alpha/rank`` applied, reshaped to ``shape`` when given."""
+        delta = self.natural_delta()
+        if shape is None:
+            return delta
+        return reshape_delta(delta, shape, self.kind)
+
+    def delta_output(self, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        """``h(x)``: the output the delta adds to ``module(x)``. Default: run the module's op with ``ΔW``."""
+        weight = module.weight
+        delta = self.delta_weight(weight.shape).to(dtype=x.dtype, device=x.device)
+        return module_op(module, x, delta)
+
+
+def _alpha_value(value: torch.Tensor | float, name: str) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise FormatError(f"{name}.alpha must be a scalar, got shape {tuple(value.shape)}")
+        value = float(value.reshape(()).item())
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise NonFiniteError(f"{name}.alpha is {value}; the file is corrupt.")
+    return value
+
+
+def reshape_delta(delta: torch.Tensor, shape: torch.Size | tuple[int, ...], kind: str = "") -> torch.Tensor:
+    shape = tuple(shape)
+    if tuple(delta.shape) == shape:
+        return delta
+    if delta.numel() != _numel(shape):
+        raise ShapeMismatchError(
+            f"{kind or 'delta'} of shape {tuple(delta.shape)} does not fit a weight of shape {shape}"
+        )
+    return delta.reshape(shape)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def module_op(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Apply ``module``'s own operation to ``x`` with ``weight`` in place of its weight, without bias."""
+    if isinstance(module, nn.Linear) or (weight.dim() == 2 and not isinstance(module, nn.modules.conv._ConvNd)):
+        return F.linear(x, weight)
+    if isinstance(module, nn.Conv2d):
+        return F.conv2d(x, weight, None, module.stride, module.padding, module.dilation, module.groups)
+    if isinstance(module, nn.Conv1d):
+        return F.conv1d(x, weight, None, module.stride, module.padding, module.dilation, module.groups)
+    if isinstance(module, nn.Conv3d):
+        return F.conv3d(x, weight, None, module.stride, module.padding, module.dilation, module.groups)
+    raise FormatError(f"no unfused path for a {type(module).__name__}; apply this LoRA with mode='fuse'")
+
+
+# -- registry ---------------------------------------------------------------------------------------
+
+ADAPTERS: list[type[WeightAdapter]] = []
+
+
+def register_adapter(cls: type[WeightAdapter]) -> type[WeightAdapter]:
+    """Register an adapter type. Validates like PEFT's ``register_peft_method``: lower-case unique kind,
+    detect fields unique across types, required fields a subset of fields. Usable as a decorator."""
+    if not cls.kind or cls.kind != cls.kind.lower():
+        raise ValueError(f"adapter kind must be a non-empty lower-case name, got {cls.kind!r}")
+    if any(other.kind == cls.kind for other in ADAPTERS):
+        raise KeyError(f"an adapter of kind {cls.kind!r} is already registered")
+    if not cls.detect:
+        raise ValueError(f"adapter {cls.kind!r} declares no detect fields")
+    for other in ADAPTERS:
+        if set(other.detect) & set(cls.detect):
+            raise KeyError(f"detect fields {set(other.detect) & set(cls.detect)} of {cls.kind!r} already used by {other.kind!r}")
+    if not set(cls.required) <= set(cls.fields) or not set(cls.detect) <= set(cls.fields):
+        raise ValueError(f"adapter {cls.kind!r}: required and detect fields must be among its fields")
+    ADAPTERS.append(cls)
+    return cls
+
+
+def adapter_for_fields(fields: set[str] | frozenset[str]) -> type[WeightAdapter] | None:
+    """The first registered adapter type any of whose detect fields is present (first match wins)."""
+    for cls in ADAPTERS:
+        if any(f in fields for f in cls.detect):
+            return cls
+    return None

@@ -1,0 +1,83 @@
+"""The lorakit error tree. Every error names the key or file at fault and says how to fix it.
+
+Each subclass also inherits the builtin a caller would already catch, so ``except ValueError``
+keeps working::
+
+    LorakitError
+    ├── FormatError (ValueError)            a file's keys or tensors do not form a valid adapter
+    │   ├── IncompleteAdapterError          a key is missing its partner (lora_down without lora_up)
+    │   ├── RankMismatchError               the pair's inner dimensions disagree
+    │   ├── NonFiniteError                  NaN/Inf in a tensor or in a computed result
+    │   └── UnknownFormatError              no naming convention recognises the keys
+    ├── UnsupportedAdapterError (NotImplementedError)   recognised but not (yet) computable or writable
+    ├── UnsafeFileError (ValueError)        a pickle that would run code, refused
+    ├── SourceNotFoundError (FileNotFoundError)   a path / hub reference that does not resolve
+    ├── OverwriteError (FileExistsError)    an output path equal to an input
+    ├── MatchError (ValueError)             a LoRA matched nothing (or, strict, not everything)
+    └── ShapeMismatchError (ValueError)     a delta does not fit its target tensor
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FormatError",
+    "IncompleteAdapterError",
+    "LorakitError",
+    "MatchError",
+    "NonFiniteError",
+    "OverwriteError",
+    "RankMismatchError",
+    "ShapeMismatchError",
+    "SourceNotFoundError",
+    "UnknownFormatError",
+    "UnsafeFileError",
+    "UnsupportedAdapterError",
+]
+
+
+class LorakitError(Exception):
+    """Base class of every error lorakit raises on purpose."""
+
+
+class FormatError(LorakitError, ValueError):
+    """The keys or tensors of a file do not form a valid adapter."""
+
+
+class IncompleteAdapterError(FormatError):
+    """An adapter key is present without the keys it needs (e.g. ``lora_down`` without ``lora_up``)."""
+
+
+class RankMismatchError(FormatError):
+    """The factors of a low-rank pair have different inner dimensions."""
+
+
+class NonFiniteError(FormatError):
+    """A tensor (read from a file, or computed while applying) holds NaN or Inf."""
+
+
+class UnknownFormatError(FormatError):
+    """No known naming convention recognises the keys."""
+
+
+class UnsupportedAdapterError(LorakitError, NotImplementedError):
+    """An adapter type is recognised but cannot be computed or written here."""
+
+
+class UnsafeFileError(LorakitError, ValueError):
+    """A pickle-based file that needs code execution to load; refused, nothing was executed."""
+
+
+class SourceNotFoundError(LorakitError, FileNotFoundError):
+    """A path or hub reference does not resolve to a file."""
+
+
+class OverwriteError(LorakitError, FileExistsError):
+    """An output path would overwrite one of the inputs."""
+
+
+class MatchError(LorakitError, ValueError):
+    """A LoRA matched no module of the target (or, with ``strict=True``, not all of its layers)."""
+
+
+class ShapeMismatchError(LorakitError, ValueError):
+    """A delta's shape does not fit the tensor it targets."""

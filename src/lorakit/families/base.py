@@ -1,0 +1,117 @@
+"""How a file's module path finds its target module: an alias index built from the target model's own
+``named_modules()`` (ARCHITECTURE idea 4), to which model families add their extra namespaces.
+
+Every module ``m`` of a component gets the aliases ``m`` (dotted) and ``m`` with dots flattened to
+underscores (kohya). A :class:`Family` adds aliases for the names trainers use for the same modules
+(SGM ``input_blocks_4_1_...``, BFL ``double_blocks.0.img_attn.qkv``, Wan native ``blocks.0.self_attn.q``),
+possibly onto row slices (fused ``qkv`` in the file, separate ``to_q/to_k/to_v`` in the model, or the
+reverse). Aliases are derived from the model's structure, never from hard-coded block counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import ClassVar
+
+from torch import nn
+
+__all__ = ["FAMILIES", "Family", "NameIndex", "Target", "build_index", "register_family"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Where (part of) a file layer's delta lands.
+
+    ``src_rows=(a, b)``: only rows ``a:b`` of the layer's delta go here (file fused, model split).
+    ``dst_rows=(a, b)``: the delta lands on rows ``a:b`` of this module's weight (file split, model fused).
+    ``param``: the parameter patched by the layer's main delta (``weight``; ``modulation`` for Wan ``diff_m``
+    targets are expressed through :attr:`Layer.params` and need no alias).
+    ``transform``: a named row permutation applied to the delta first (e.g. ``"swap_scale_shift"``).
+    """
+
+    component: str
+    module: str
+    src_rows: tuple[int, int] | None = None
+    dst_rows: tuple[int, int] | None = None
+    transform: str | None = None
+
+
+class NameIndex:
+    """``(component, alias) -> [Target, ...]`` for one model or pipeline."""
+
+    def __init__(self) -> None:
+        self._map: dict[tuple[str, str], list[Target]] = {}
+        self.modules: dict[str, dict[str, nn.Module]] = {}
+        self.families: list[str] = []
+
+    def add(self, component: str, alias: str, targets: Target | Iterable[Target], *, override: bool = False) -> None:
+        targets = [targets] if isinstance(targets, Target) else list(targets)
+        key = (component, alias)
+        if override or key not in self._map:
+            self._map[key] = targets
+
+    def lookup(self, component: str, alias: str) -> list[Target] | None:
+        return self._map.get((component, alias))
+
+    def aliases(self, component: str | None = None) -> Iterable[tuple[str, str]]:
+        return (k for k in self._map if component is None or k[0] == component)
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+
+class Family:
+    """A model family. Subclasses set ``name`` and override what they need; register with
+    :func:`register_family`. ``matches_model`` decides whether the family's aliases are added for a
+    component; ``matches_file`` scores a file's layer paths for ``inspect`` (0 = not this family)."""
+
+    name: ClassVar[str] = ""
+
+    def matches_model(self, component: str, module: nn.Module) -> bool:
+        return False
+
+    def matches_file(self, paths: Iterable[str]) -> float:
+        return 0.0
+
+    def aliases(self, component: str, module: nn.Module) -> Iterable[tuple[str, Target | list[Target]]]:
+        """Extra ``(alias, target(s))`` pairs for ``module`` (a component of this family)."""
+        return ()
+
+
+FAMILIES: list[Family] = []
+
+
+def register_family(family: Family | type[Family]) -> Family:
+    inst = family() if isinstance(family, type) else family
+    if not inst.name or inst.name != inst.name.lower():
+        raise ValueError(f"family name must be a non-empty lower-case name, got {inst.name!r}")
+    if any(f.name == inst.name for f in FAMILIES):
+        raise KeyError(f"a family named {inst.name!r} is already registered")
+    FAMILIES.append(inst)
+    return family
+
+
+def build_index(components: Mapping[str, nn.Module], families: Iterable[Family] | None = None) -> NameIndex:
+    """Index every module of every component under its dotted and flattened names, then the aliases of
+    each family that recognises the component. Generic names win over family aliases on conflict."""
+    index = NameIndex()
+    for component, root in components.items():
+        mods = dict(root.named_modules())
+        index.modules[component] = mods
+        for name in mods:
+            if not name:
+                continue
+            target = Target(component, name)
+            index.add(component, name, target)
+            index.add(component, name.replace(".", "_"), target)
+        for family in FAMILIES if families is None else families:
+            if family.matches_model(component, root):
+                if family.name not in index.families:
+                    index.families.append(family.name)
+                for alias, targets in family.aliases(component, root):
+                    index.add(component, alias, targets)
+                    flat = alias.replace(".", "_")
+                    if flat != alias:
+                        index.add(component, flat, targets)
+    return index

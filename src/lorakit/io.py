@@ -1,0 +1,210 @@
+"""Reading and writing tensor files: safetensors (memory-mapped), pickles only via ``weights_only``,
+hub references through the local huggingface_hub cache, and atomic writes that never touch an input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import re
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+from .errors import FormatError, OverwriteError, SourceNotFoundError, UnsafeFileError
+
+__all__ = [
+    "PICKLE_SUFFIXES",
+    "SAFETENSORS_SUFFIXES",
+    "atomic_output",
+    "check_not_input",
+    "read_metadata",
+    "read_tensors",
+    "resolve_source",
+    "write_tensors",
+]
+
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+
+# org/repo/path/inside/repo.safetensors, optionally with @revision after the repo.
+_HUB_REF = re.compile(r"^(?P<org>[\w.-]+)/(?P<repo>[\w.-]+)(@(?P<rev>[\w./-]+?))?/(?P<file>.+\.\w+)$")
+
+
+def resolve_source(source: str | os.PathLike[str]) -> Path:
+    """Return a local path for ``source``: an existing file, or a hub reference ``org/repo/file``.
+
+    Hub references go through ``huggingface_hub.hf_hub_download``, which serves from its cache
+    (``HF_HOME`` / ``HF_HUB_CACHE``) when offline (``HF_HUB_OFFLINE=1``) and downloads otherwise.
+    """
+    path = Path(source).expanduser()
+    if path.exists():
+        if path.is_dir():
+            raise SourceNotFoundError(f"{path} is a folder; pass the LoRA file inside it")
+        return path
+    match = _HUB_REF.match(str(source))
+    if match is None:
+        raise SourceNotFoundError(
+            f"No such file: {source}. Pass a local path or a hub reference 'org/repo/file.safetensors'."
+        )
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError as exc:  # pragma: no cover - huggingface_hub ships with the diffusers extra
+        raise SourceNotFoundError(
+            f"{source} looks like a hub reference but huggingface_hub is not installed: "
+            "pip install 'lorakit[diffusers]'"
+        ) from exc
+    repo_id = f"{match['org']}/{match['repo']}"
+    try:
+        return Path(hf_hub_download(repo_id, match["file"], revision=match["rev"]))
+    except Exception as exc:  # hub errors are many types; all mean "not available"
+        raise SourceNotFoundError(
+            f"Could not resolve hub reference {source} (repo {repo_id}, file {match['file']}): {exc}. "
+            "Offline, the file must already be in the huggingface_hub cache."
+        ) from exc
+
+
+def read_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read every tensor and the string metadata of a weights file.
+
+    ``.safetensors`` is memory-mapped (zero-copy on CPU). ``.pt/.pth/.ckpt/.bin`` go through
+    ``torch.load(weights_only=True)``: a pickle that needs to run code is refused with
+    :class:`UnsafeFileError` and nothing from it is executed.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        return _read_safetensors(path)
+    if suffix in PICKLE_SUFFIXES:
+        return _read_pickle(path), {}
+    # Sniff: safetensors starts with an 8-byte little-endian header length then '{'.
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    if len(head) == 9 and head[8:9] == b"{":
+        return _read_safetensors(path)
+    return _read_pickle(path), {}
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+        metadata = read_metadata(path)
+    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{path} is not a readable safetensors file: {exc}") from exc
+    return tensors, metadata
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The ``__metadata__`` string table of a safetensors file (empty for other files)."""
+    path = Path(path)
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) != 8:
+            raise FormatError(f"{path} is too short to be a safetensors file")
+        size = int.from_bytes(raw, "little")
+        if size <= 0 or size > 100 * 1024 * 1024:
+            raise FormatError(f"{path} has an implausible safetensors header size ({size} bytes)")
+        header = json.loads(fh.read(size))
+    meta = header.get("__metadata__") or {}
+    return {str(k): str(v) for k, v in meta.items()}
+
+
+def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeFileError(
+            f"Refused to load {path}: it is a pickle that needs code execution to load "
+            f"({str(exc).splitlines()[-1] if str(exc) else 'unsafe global'}). Nothing from it was run. "
+            "Convert it to .safetensors with a tool you trust, or ask its author for a safetensors file."
+        ) from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise FormatError(f"{path} is not a readable PyTorch weights file: {exc}") from exc
+    return _flatten_state_dict(obj, path)
+
+
+def _flatten_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    # Checkpoints often nest the weights under "state_dict" / "model" / "module".
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model", "module"):
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and any(isinstance(v, torch.Tensor) for v in inner.values()):
+                obj = inner
+                break
+        out = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        # Scalars saved as python numbers (e.g. alpha) are kept as 0-d tensors.
+        for k, v in obj.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[str(k)] = torch.tensor(float(v))
+        return out
+    raise FormatError(f"{path} does not hold a state dict (found {type(obj).__name__})")
+
+
+def check_not_input(output: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | None]) -> None:
+    """Raise :class:`OverwriteError` when ``output`` names the same file as one of ``inputs``."""
+    out = Path(output).expanduser().resolve()
+    for item in inputs:
+        if item is None:
+            continue
+        src = Path(item).expanduser()
+        if not src.exists():
+            continue
+        if src.resolve() == out or (out.exists() and os.path.samefile(src, out)):
+            raise OverwriteError(f"Output {output} is the same file as input {item}; choose another output path.")
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path in the target folder; rename it onto ``path`` only on success.
+
+    On any error the temporary file is removed, so no partial output is ever left behind.
+    """
+    target = Path(path).expanduser()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def write_tensors(
+    tensors: Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    inputs: Iterable[str | os.PathLike[str] | None] = (),
+) -> Path:
+    """Write ``tensors`` atomically as safetensors (or a ``weights_only``-loadable pickle for .pt/.ckpt/.bin)."""
+    target = Path(path).expanduser()
+    check_not_input(target, inputs)
+    clean: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, value in tensors.items():
+        value = value.detach().cpu().contiguous()
+        # safetensors refuses tensors that share storage; copy the second and later sharers.
+        ptr = value.untyped_storage().data_ptr()
+        if ptr in seen and value.numel() > 0:
+            value = value.clone()
+        seen.add(ptr)
+        clean[key] = value
+    with atomic_output(target) as tmp:
+        if target.suffix.lower() in PICKLE_SUFFIXES:
+            torch.save(clean, tmp)
+        else:
+            from safetensors.torch import save_file
+
+            save_file(clean, str(tmp), metadata={str(k): str(v) for k, v in (metadata or {}).items()})
+    return target
