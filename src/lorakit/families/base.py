@@ -28,6 +28,8 @@ class Target:
     ``param``: the parameter patched by the layer's main delta (``weight``; ``modulation`` for Wan ``diff_m``
     targets are expressed through :attr:`Layer.params` and need no alias).
     ``transform``: a named row permutation applied to the delta first (e.g. ``"swap_scale_shift"``).
+    ``param_map``: renames of :attr:`Layer.params` entries for this model, e.g. Wan native ``modulation``
+    -> diffusers ``scale_shift_table``: ``(("modulation", "scale_shift_table"),)``.
     """
 
     component: str
@@ -35,6 +37,7 @@ class Target:
     src_rows: tuple[int, int] | None = None
     dst_rows: tuple[int, int] | None = None
     transform: str | None = None
+    param_map: tuple[tuple[str, str], ...] = ()
 
 
 class NameIndex:

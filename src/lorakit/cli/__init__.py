@@ -1,0 +1,61 @@
+"""The ``lorakit`` command line: a thin layer over the library. Commands are imported on first use."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from ..errors import LorakitError
+
+__all__ = ["main"]
+
+# command name -> "module:attribute" (a click.Command)
+COMMANDS = {
+    "inspect": "lorakit.cli.inspect_cmd:inspect_cmd",
+    "convert": "lorakit.cli.inspect_cmd:convert_cmd",
+    "generate": "lorakit.cli.generate_cmd:generate_cmd",
+    "extract": "lorakit.cli.tools_cmd:extract_cmd",
+    "merge": "lorakit.cli.tools_cmd:merge_cmd",
+    "compose": "lorakit.cli.tools_cmd:compose_cmd",
+    "resize": "lorakit.cli.tools_cmd:resize_cmd",
+    "validate": "lorakit.cli.tools_cmd:validate_cmd",
+    "serve": "lorakit.cli.serve_cmd:serve_cmd",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="lorakit")
+def cli() -> None:
+    """lorakit: LoRA files for diffusion models — inspect, convert, apply, generate, extract, merge,
+    compose, resize, validate and serve."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: library errors become one clear sentence and exit code 1, no traceback."""
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except LorakitError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
