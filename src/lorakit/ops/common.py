@@ -1,0 +1,493 @@
+"""Shared plumbing of the offline tools: lazy checkpoint access (safetensors read tensor by tensor with
+plain file reads, diffusers folders, weights_only pickles), LoRA file read/write, and name matching.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import os
+import struct
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..adapters import DoRA, FullDiff, NormDiff, adapter_for_fields
+from ..errors import FormatError, MatchError, NonFiniteError, SourceNotFoundError
+from ..io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, read_tensors, write_tensors
+from ..model import Layer, LoRA
+
+__all__ = [
+    "ST_DTYPES",
+    "Checkpoint",
+    "ModuleIndex",
+    "OpResult",
+    "Progress",
+    "TensorInfo",
+    "load_lora",
+    "lora_to_tensors",
+    "parse_dtype",
+    "save_lora",
+]
+
+#: ``progress(description, done, total)``; the CLI passes a rich progress bar, library callers may pass None.
+Progress = Callable[[str, int, int], None]
+
+ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+
+_DTYPE_ALIASES = {
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """``"bf16"`` -> ``torch.bfloat16``; ``None`` stays ``None``."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    try:
+        return _DTYPE_ALIASES[name.lower()]
+    except KeyError:
+        raise FormatError(f"unknown dtype {name!r}; use one of fp32, fp16, bf16") from None
+
+
+@dataclasses.dataclass
+class OpResult:
+    """What an offline operation did: ``summary`` numbers plus one dict of stats per layer."""
+
+    op: str
+    output: str | None
+    summary: dict[str, Any]
+    layers: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    #: the LoRA built in memory (extract/compose/resize), for library callers; not part of to_dict()
+    lora: LoRA | None = dataclasses.field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"op": self.op, "output": self.output, "summary": self.summary, "layers": self.layers}
+
+
+# -- checkpoints -----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor of a checkpoint lives. ``offsets`` are absolute byte offsets for safetensors."""
+
+    component: str | None
+    key: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offsets: tuple[int, int] | None = None
+
+    @property
+    def ref(self) -> str:
+        return self.key if self.component is None else f"{self.component}/{self.key}"
+
+
+def read_st_header(path: Path) -> tuple[dict[str, Any], int]:
+    """(header dict, byte offset where tensor data starts) of a safetensors file."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) != 8:
+                raise FormatError(f"{path} is too short to be a safetensors file")
+            (size,) = struct.unpack("<Q", raw)
+            if size <= 0 or size > 100 * 1024 * 1024:
+                raise FormatError(f"{path} has an implausible safetensors header size ({size} bytes)")
+            header = json.loads(fh.read(size))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FormatError(f"{path} is not a readable safetensors file: {exc}") from exc
+    return header, 8 + size
+
+
+# diffusers component folder name -> canonical component (model.COMPONENTS)
+_FOLDER_COMPONENT = {"unet": "denoiser", "transformer": "denoiser", "prior": "denoiser"}
+
+
+class Checkpoint:
+    """Lazy view of a model's tensors: a safetensors file, a .pt/.ckpt (loaded once, weights_only), a
+    diffusers folder (every ``*.safetensors`` of each component folder) or a folder of shards.
+
+    Safetensors tensors are read with a plain ``open/seek/readinto`` per tensor, never a long-lived mmap,
+    so peak RSS stays near the largest tensor (TOOLS.md: one ``safe_open`` handle kept for a whole run
+    counts every touched page of the file as resident)."""
+
+    def __init__(self, source: str | os.PathLike[str]):
+        self.path = Path(source).expanduser()
+        if not self.path.exists():
+            raise SourceNotFoundError(f"No such checkpoint: {source}")
+        self.infos: dict[tuple[str | None, str], TensorInfo] = {}
+        self._loaded: dict[str, torch.Tensor] | None = None
+        self.metadata: dict[str, str] = {}
+        self.files: list[Path] = []
+        if self.path.is_dir():
+            self._scan_folder()
+        elif self._is_safetensors(self.path):
+            self._add_safetensors(self.path, None)
+        else:
+            self._loaded, self.metadata = read_tensors(self.path)
+            self.files = [self.path]
+            for key, t in self._loaded.items():
+                self.infos[(None, key)] = TensorInfo(None, key, self.path, t.dtype, tuple(t.shape))
+        if not self.infos:
+            raise FormatError(f"{self.path} holds no tensors (expected .safetensors, .pt/.ckpt or a diffusers folder)")
+
+    @staticmethod
+    def _is_safetensors(path: Path) -> bool:
+        if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+            return True
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            return False
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+        return len(head) == 9 and head[8:9] == b"{"
+
+    def _scan_folder(self) -> None:
+        top = sorted(self.path.glob("*.safetensors"))
+        if top:
+            for f in self._preferred(top):
+                self._add_safetensors(f, None)
+        for sub in sorted(p for p in self.path.iterdir() if p.is_dir()):
+            files = sorted(sub.glob("*.safetensors"))
+            if files:
+                comp = _FOLDER_COMPONENT.get(sub.name, sub.name)
+                for f in self._preferred(files):
+                    self._add_safetensors(f, comp)
+
+    @staticmethod
+    def _preferred(files: list[Path]) -> list[Path]:
+        # diffusers ships variants side by side (model.safetensors + model.fp16.safetensors): reading both
+        # would duplicate every key, so variants are used only when no plain file exists.
+        plain = [f for f in files if ".fp16." not in f.name and ".bf16." not in f.name]
+        return plain or files
+
+    def _add_safetensors(self, path: Path, component: str | None) -> None:
+        header, start = read_st_header(path)
+        self.files.append(path)
+        if component is None and not self.metadata:
+            self.metadata = {str(k): str(v) for k, v in (header.get("__metadata__") or {}).items()}
+        for key, spec in header.items():
+            if key == "__metadata__":
+                continue
+            dtype = ST_DTYPES.get(spec["dtype"])
+            if dtype is None:
+                raise FormatError(f"{path}: tensor {key} has dtype {spec['dtype']}, which lorakit cannot read")
+            a, b = spec["data_offsets"]
+            ident = (component, key)
+            if ident in self.infos:
+                raise FormatError(f"{path}: tensor {key} also appears in {self.infos[ident].file}")
+            self.infos[ident] = TensorInfo(component, key, path, dtype, tuple(spec["shape"]), (start + a, start + b))
+
+    def __iter__(self) -> Iterator[TensorInfo]:
+        return iter(self.infos.values())
+
+    def __len__(self) -> int:
+        return len(self.infos)
+
+    def read(self, info: TensorInfo) -> torch.Tensor:
+        """The tensor, freshly read (owned memory, no mmap)."""
+        if self._loaded is not None:
+            return self._loaded[info.key]
+        return read_st_tensor(info)
+
+    def read_raw(self, info: TensorInfo) -> bytes | bytearray:
+        assert info.offsets is not None
+        with open(info.file, "rb") as fh:
+            fh.seek(info.offsets[0])
+            buf = bytearray(info.offsets[1] - info.offsets[0])
+            fh.readinto(buf)
+        return buf
+
+
+def read_st_tensor(info: TensorInfo) -> torch.Tensor:
+    assert info.offsets is not None
+    a, b = info.offsets
+    if b == a:
+        return torch.empty(info.shape, dtype=info.dtype)
+    with open(info.file, "rb") as fh:
+        fh.seek(a)
+        buf = bytearray(b - a)
+        if fh.readinto(buf) != b - a:
+            raise FormatError(f"{info.file}: tensor {info.key} is truncated; the file is incomplete")
+    return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+
+
+def check_finite(t: torch.Tensor, where: str) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise NonFiniteError(f"{where} contains NaN or Inf; fix or re-export that file before running this tool.")
+
+
+def select(name: str, include: Iterable[str] | None, exclude: Iterable[str] | None) -> bool:
+    """Glob filter used by ``--include/--exclude`` (matched against the full key and its module path)."""
+    names = (name, name.rsplit(".", 1)[0])
+    if include and not any(fnmatch.fnmatchcase(n, p) for p in include for n in names):
+        return False
+    return not (exclude and any(fnmatch.fnmatchcase(n, p) for p in exclude for n in names))
+
+
+# -- name matching ---------------------------------------------------------------------------------------
+
+_CKPT_PREFIXES = (
+    "model.diffusion_model.", "diffusion_model.", "cond_stage_model.transformer.", "unet.", "transformer.",
+    "text_encoder.", "model.",
+)
+_LORA_PREFIXES = (
+    "lora_unet_", "lora_transformer_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lycoris_",
+    "base_model.model.", "unet.", "transformer.", "text_encoder_2.", "text_encoder_3.", "text_encoder.",
+    "model.diffusion_model.", "diffusion_model.",
+)
+
+
+def _flat(name: str) -> str:
+    return name.replace(".", "_")
+
+
+class ModuleIndex:
+    """Resolves a LoRA layer to a checkpoint module path ``P`` (which owns ``P.weight``/``P.bias``), by
+    exact dotted names and kohya-flattened names, with or without ``diffusion_model.``-style prefixes."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt = ckpt
+        self.params: dict[tuple[str | None, str], dict[str, TensorInfo]] = {}
+        self._alias: dict[str, list[tuple[str | None, str]]] = {}
+        for info in ckpt:
+            if "." not in info.key:
+                continue
+            module, param = info.key.rsplit(".", 1)
+            self.params.setdefault((info.component, module), {})[param] = info
+        for comp, module in self.params:
+            names = {module}
+            for p in _CKPT_PREFIXES:
+                if module.startswith(p):
+                    names.add(module[len(p):])
+            for n in names:
+                for alias in {n, _flat(n)}:
+                    lst = self._alias.setdefault(alias, [])
+                    if (comp, module) not in lst:
+                        lst.append((comp, module))
+
+    def resolve(self, layer: Layer) -> tuple[str | None, str] | None:
+        cands: list[str] = []
+        for n in (layer.path, layer.name):
+            if not n:
+                continue
+            cands.append(n)
+            for p in _LORA_PREFIXES:
+                if n.startswith(p):
+                    cands.append(n[len(p):])
+        for c in cands:
+            for alias in (c, _flat(c)):
+                hits = self._alias.get(alias)
+                if not hits:
+                    continue
+                if len(hits) > 1 and layer.component is not None:
+                    same = [h for h in hits if h[0] == layer.component]
+                    hits = same or hits
+                if len(hits) > 1:
+                    den = [h for h in hits if h[0] in (None, "denoiser")]
+                    hits = den or hits
+                return hits[0]
+        return None
+
+
+# -- LoRA files ------------------------------------------------------------------------------------------
+
+# kohya/LyCORIS and PEFT spellings -> canonical field (FORMATS.md §2.1). Used only when lorakit.formats is
+# not importable; files written by save_lora() use these spellings.
+_SUFFIXES = (
+    (".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_mid.weight", "mid"),
+    (".lora_A.weight", "down"), (".lora_B.weight", "up"), (".lora_B.bias", "up_bias"), (".alpha", "alpha"),
+    (".diff_b", "diff_b"), (".b_norm", "b_norm"), (".diff_m", "diff_m"), (".diff", "diff"), (".w_norm", "w_norm"),
+    (".dora_scale", "dora_scale"), (".lora_magnitude_vector", "lora_magnitude_vector"),
+    (".hada_w1_a", "hada_w1_a"), (".hada_w1_b", "hada_w1_b"), (".hada_w2_a", "hada_w2_a"),
+    (".hada_w2_b", "hada_w2_b"), (".hada_t1", "hada_t1"), (".hada_t2", "hada_t2"),
+    (".lokr_w1", "lokr_w1"), (".lokr_w2", "lokr_w2"), (".lokr_w1_a", "lokr_w1_a"), (".lokr_w1_b", "lokr_w1_b"),
+    (".lokr_w2_a", "lokr_w2_a"), (".lokr_w2_b", "lokr_w2_b"), (".lokr_t2", "lokr_t2"),
+)
+_COMPONENT_PREFIX = (
+    ("lora_unet_", "denoiser", True), ("lora_transformer_", "denoiser", True), ("lora_te1_", "text_encoder", True),
+    ("lora_te2_", "text_encoder_2", True), ("lora_te3_", "text_encoder_3", True), ("lora_te_", "text_encoder", True),
+    ("unet.", "denoiser", False), ("transformer.", "denoiser", False), ("text_encoder_2.", "text_encoder_2", False),
+    ("text_encoder_3.", "text_encoder_3", False), ("text_encoder.", "text_encoder", False),
+)
+
+
+def _local_parse(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str) -> LoRA:
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    keys: dict[str, list[str]] = {}
+    for key, t in tensors.items():
+        for suffix, field in sorted(_SUFFIXES, key=lambda s: -len(s[0])):
+            if key.endswith(suffix):
+                name = key[: -len(suffix)]
+                groups.setdefault(name, {})[field] = t
+                keys.setdefault(name, []).append(key)
+                break
+        else:
+            raise FormatError(f"{source}: key {key} is not a LoRA/LyCORIS key lorakit's offline tools understand")
+    layers: dict[str, Layer] = {}
+    for name, fields in groups.items():
+        comp, path, flat = None, name, "." not in name
+        for prefix, c, is_flat in _COMPONENT_PREFIX:
+            if name.startswith(prefix):
+                comp, path, flat = c, name[len(prefix):], is_flat
+                break
+        wfields = {k: v for k, v in fields.items() if k not in ("diff_b", "b_norm", "diff_m", "dora_scale", "lora_magnitude_vector")}
+        weight = None
+        cls = adapter_for_fields(set(wfields))
+        if cls is not None:
+            weight = cls.from_fields(wfields, name=name)
+        dora = None
+        for dk in ("dora_scale", "lora_magnitude_vector"):
+            if dk in fields:
+                dora = DoRA.from_tensor(fields[dk], peft=dk == "lora_magnitude_vector", name=name)
+        bias = fields.get("diff_b", fields.get("b_norm"))
+        layers[name] = Layer(
+            name=name, component=comp, path=path, flat=flat, weight=weight, bias=bias, dora=dora,
+            params={"modulation": fields["diff_m"]} if "diff_m" in fields else {},
+            keys=tuple(keys[name]), bias_key="b_norm" if "b_norm" in fields else "diff_b",
+        )
+    fmt = "peft" if any(".lora_A." in k for k in tensors) else "kohya"
+    return LoRA(layers=layers, metadata=metadata, format=fmt, source=source)
+
+
+def load_lora(source: str | os.PathLike[str] | LoRA) -> LoRA:
+    """A LoRA object from a path (``lorakit.load`` when the formats package is present, else a local
+    reader of the kohya/LyCORIS/PEFT spellings), or the object itself."""
+    if isinstance(source, LoRA):
+        return source
+    try:
+        from ..formats import load  # type: ignore[attr-defined]
+    except ImportError:
+        load = None
+    path = Path(source)
+    if load is not None:
+        try:
+            return load(source)
+        except FormatError as exc:
+            # lorakit.formats is the authority; the local reader only rescues files spelled as save_lora writes.
+            if not path.exists():
+                raise
+            try:
+                tensors, metadata = read_tensors(path)
+                return _local_parse(tensors, metadata, str(path))
+            except FormatError:
+                raise exc from None
+    if not path.exists():
+        raise SourceNotFoundError(f"No such LoRA file: {source}")
+    tensors, metadata = read_tensors(path)
+    return _local_parse(tensors, metadata, str(path))
+
+
+def kohya_name(layer: Layer) -> str:
+    """The kohya spelling of a layer name (prefix + flattened path). Names without a known component
+    (LightX2V ``diffusion_model.blocks.0.q``) keep their dotted spelling with kohya suffixes, as written."""
+    if layer.flat or "." not in layer.name or layer.component is None:
+        return layer.name
+    prefix = {"denoiser": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_",
+              "text_encoder_3": "lora_te3_"}.get(layer.component, f"lora_{layer.component}_")
+    return prefix + _flat(layer.path)
+
+
+def peft_name(layer: Layer) -> str:
+    if layer.flat:
+        raise FormatError(
+            f"{layer.name}: a kohya-flattened name cannot be written in PEFT spelling without the model's module "
+            "names; write format='kohya' instead"
+        )
+    return layer.name
+
+
+def lora_to_tensors(lora: LoRA, fmt: str = "kohya", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of ``lora`` in kohya/LyCORIS spelling (``lora_down/lora_up/alpha/diff/...``) or PEFT spelling
+    (``lora_A/lora_B``, with alpha written as a scalar ``.alpha`` key so the scale survives)."""
+    if fmt not in ("kohya", "peft"):
+        raise FormatError(f"unknown output format {fmt!r}; use 'kohya' or 'peft'")
+    out: dict[str, torch.Tensor] = {}
+
+    def put(key: str, t: torch.Tensor) -> None:
+        out[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    for layer in lora:
+        n = kohya_name(layer) if fmt == "kohya" else peft_name(layer)
+        w = layer.weight
+        if w is not None:
+            if w.kind == "lora":
+                lo = "lora_down.weight" if fmt == "kohya" else "lora_A.weight"
+                hi = "lora_up.weight" if fmt == "kohya" else "lora_B.weight"
+                put(f"{n}.{lo}", w.down)
+                put(f"{n}.{hi}", w.up)
+                if w.mid is not None:
+                    put(f"{n}.lora_mid.weight", w.mid)
+                if w.up_bias is not None:
+                    put(f"{n}.lora_B.bias", w.up_bias)
+            elif isinstance(w, FullDiff):
+                put(f"{n}.diff", w.diff)
+            elif isinstance(w, NormDiff):
+                put(f"{n}.w_norm", w.w_norm)
+            else:
+                for field, t in w.tensors().items():
+                    put(f"{n}.{field}", t)
+            if w.alpha is not None:
+                out[f"{n}.alpha"] = torch.tensor(float(w.alpha), dtype=torch.float32)
+        if layer.bias is not None:
+            put(f"{n}.{layer.bias_key}", layer.bias)
+        if layer.dora is not None:
+            put(f"{n}.{layer.dora.source}", layer.dora.magnitude)
+        for p, t in layer.params.items():
+            put(f"{n}.diff_m" if p == "modulation" else f"{n}.{p}", t)
+    return out
+
+
+def save_lora(
+    lora: LoRA, path: str | os.PathLike[str], fmt: str = "kohya", *, dtype: torch.dtype | None = None,
+    inputs: Iterable[str | os.PathLike[str] | None] = (), metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write ``lora`` atomically (temp file + rename) in kohya or PEFT spelling."""
+    tensors = lora_to_tensors(lora, fmt, dtype)
+    meta = dict(lora.metadata)
+    meta.update(metadata or {})
+    return write_tensors(tensors, path, meta, inputs=inputs)
+
+
+def shape_numel(shape: Iterable[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def match_or_raise(lora: LoRA, index: ModuleIndex, label: str) -> tuple[dict[str, tuple[str | None, str]], list[str]]:
+    """Resolve every layer; raise MatchError when nothing matched. Returns (matches, unmatched names)."""
+    matches: dict[str, tuple[str | None, str]] = {}
+    unmatched: list[str] = []
+    for layer in lora:
+        hit = index.resolve(layer)
+        if hit is None:
+            unmatched.append(layer.name)
+        else:
+            matches[layer.name] = hit
+    if not matches:
+        some = ", ".join(sorted(unmatched)[:3])
+        raise MatchError(
+            f"{label}: none of its {len(lora)} layers matches a module of {index.ckpt.path} (e.g. {some}). "
+            "Is it a LoRA for another model family, or does the checkpoint use another naming scheme?"
+        )
+    return matches, sorted(unmatched)
