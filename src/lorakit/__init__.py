@@ -44,6 +44,14 @@ _LAZY = {
     "validate": "lorakit.ops",
 }
 
+_FALLBACK = {
+    "lorakit.formats": "lorakit._lead_formats",
+    "lorakit.runtime": "lorakit._lead_runtime",
+    "lorakit.pipelines": "lorakit._lead_pipelines",
+    "lorakit.inspect": "lorakit._lead_formats",
+    "lorakit.ops": "lorakit.ops",
+}
+
 __all__ = [
     "FormatError",
     "IncompleteAdapterError",
@@ -79,7 +87,10 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    try:
+        value = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        value = getattr(importlib.import_module(_FALLBACK[module]), name)  # TEMPORARY during integration
     globals()[name] = value
     return value
 

@@ -223,6 +223,9 @@ def merge(
                     shutil.copy2(src, dest)
             if out.exists():
                 out.rmdir()
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmpdir, 0o777 & ~umask)  # mkdtemp makes 0700; the output is an ordinary folder
             os.replace(tmpdir, out)
         except BaseException:
             shutil.rmtree(tmpdir, ignore_errors=True)

@@ -1,0 +1,256 @@
+"""Parse any supported LoRA state dict into the canonical :class:`~lorakit.model.LoRA`: strip the
+wrapper and prefix, strip the adapter suffix, group by module, build one Layer per module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter, defaultdict
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from ..adapters import DoRA, adapter_for_fields
+from ..errors import FormatError, LorakitError, NonFiniteError, UnknownFormatError
+from ..io import read_tensors, resolve_source
+from ..model import Layer, LoadReport, LoRA
+from .conventions import PREFIXES, SUFFIXES, UNSUPPORTED_SUFFIXES, WRAPPERS
+
+__all__ = ["load", "parse_state_dict", "split_key"]
+
+_COMPONENT_PEFT_NAMES = {
+    "unet": "denoiser",
+    "transformer": "denoiser",
+    "text_encoder": "text_encoder",
+    "text_encoder_2": "text_encoder_2",
+    "text_encoder_3": "text_encoder_3",
+}
+# Fields that sit beside a weight adapter rather than selecting one.
+_SIDE_FIELDS = {"alpha", "dora_scale", "magnitude", "diff_b", "b_norm", "diff_m"}
+
+
+def split_key(key: str) -> tuple[str, str, str] | None:
+    """``key`` -> ``(module name, canonical field, suffix convention)``, or ``None`` if no suffix matches."""
+    for suffix in SUFFIXES:
+        if key.endswith(suffix.text) and len(key) > len(suffix.text):
+            return key[: -len(suffix.text)], suffix.field, suffix.convention
+    return None
+
+
+def _split_prefix(name: str) -> tuple[str | None, str, bool, str]:
+    """Module name -> ``(component, path, flat, prefix convention)``."""
+    stripped = name
+    for wrapper in WRAPPERS:
+        if stripped.startswith(wrapper):
+            stripped = stripped[len(wrapper):]
+    for prefix in PREFIXES:
+        if stripped.startswith(prefix.text) and len(stripped) > len(prefix.text):
+            path = stripped[len(prefix.text):]
+            return prefix.component, _normalise_path(path), prefix.flat, prefix.convention
+    return None, _normalise_path(stripped), False, "native" if stripped != name else "plain"
+
+
+def _normalise_path(path: str) -> str:
+    # Old diffusers attention processors: "...attn1.processor.to_out" is the module "...attn1.to_out.0".
+    if ".processor." in path:
+        path = path.replace(".processor.", ".")
+        if path.endswith(".to_out"):
+            path += ".0"
+    return path
+
+
+def _peft_config(metadata: Mapping[str, str]) -> dict[str | None, dict]:
+    """The PEFT adapter config(s) of ``lora_adapter_metadata``, keyed by component (None: unprefixed)."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        cfg = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise FormatError(f"lora_adapter_metadata is not valid JSON: {exc}") from exc
+    if not isinstance(cfg, dict):
+        return {}
+    out: dict[str | None, dict] = defaultdict(dict)
+    for key, value in cfg.items():
+        head, _, rest = key.partition(".")
+        if rest and head in _COMPONENT_PEFT_NAMES:
+            out[_COMPONENT_PEFT_NAMES[head]][rest] = value
+        else:
+            out[None][key] = value
+    return dict(out)
+
+
+def _peft_alpha(cfg: dict | None, path: str, rank: int) -> float | None:
+    if not cfg:
+        return None
+    alpha = cfg.get("lora_alpha")
+    for pattern, value in (cfg.get("alpha_pattern") or {}).items():
+        if path == pattern or path.endswith("." + pattern) or pattern.endswith(path):
+            alpha = value
+    if alpha is None:
+        return None
+    alpha = float(alpha)
+    if cfg.get("use_rslora"):
+        # PEFT rsLoRA scales by alpha/sqrt(r); expressed as alpha'/r with alpha' = alpha*sqrt(r).
+        alpha = alpha * math.sqrt(rank)
+    return alpha
+
+
+def parse_state_dict(
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    strict: bool = False,
+    source: str | None = None,
+) -> LoRA:
+    """Build a :class:`LoRA` from a state dict; every key ends in the report (see :class:`LoadReport`)."""
+    metadata = dict(metadata or {})
+    report = LoadReport()
+    where = f" in {source}" if source else ""
+    groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    group_keys: dict[str, list[str]] = defaultdict(list)
+    suffix_conv: Counter[str] = Counter()
+    unsupported_stems: dict[str, str] = {}
+
+    for key in tensors:
+        if not isinstance(key, str):
+            report.unknown.append(str(key))
+            continue
+        for suffix, kind in UNSUPPORTED_SUFFIXES.items():
+            if key.endswith(suffix):
+                unsupported_stems[key[: -len(suffix)]] = kind
+                break
+    for key, value in tensors.items():
+        if not isinstance(key, str):
+            continue
+        if not isinstance(value, torch.Tensor):
+            report.invalid[key] = f"not a tensor ({type(value).__name__})"
+            continue
+        stem = next((s for s in unsupported_stems if key.startswith(s + ".")), None)
+        if stem is not None:
+            report.unsupported[key] = (
+                f"{unsupported_stems[stem]} adapter: recognised but not supported by lorakit yet"
+            )
+            continue
+        parts = split_key(key)
+        if parts is None:
+            report.unknown.append(key)
+            continue
+        name, field, conv = parts
+        if field in groups[name]:
+            # e.g. "x.lora_A.weight" and "x.lora_A.default.weight" both present
+            report.invalid[key] = f"duplicate {field} for module {name}"
+            continue
+        groups[name][field] = value
+        group_keys[name].append(key)
+        suffix_conv[conv] += 1
+
+    peft_cfg = _peft_config(metadata)
+    layers: dict[str, Layer] = {}
+    prefix_conv: Counter[str] = Counter()
+    for name, fields in groups.items():
+        keys = tuple(sorted(group_keys[name]))
+        try:
+            layer, pconv = _build_layer(name, fields, keys, peft_cfg)
+        except LorakitError as exc:
+            if strict:
+                raise type(exc)(f"{exc}{where}") from exc
+            for key in keys:
+                report.invalid[key] = str(exc)
+            continue
+        layers[name] = layer
+        prefix_conv[pconv] += 1
+        for key in keys:
+            report.consumed[key] = name
+
+    if not layers:
+        sample = ", ".join(sorted(map(str, tensors))[:5])
+        problems = report.problems()
+        if problems and strict is False and (report.invalid or report.unsupported):
+            first = next(iter(problems.items()))
+            raise FormatError(f"No layer of{where or ' the file'} could be loaded; first problem: {first[0]}: {first[1]}")
+        raise UnknownFormatError(
+            f"No LoRA layer recognised{where} (keys: {sample}{', ...' if len(tensors) > 5 else ''}). "
+            "Supported: kohya lora_down/lora_up, PEFT lora_A/lora_B, LyCORIS hada_/lokr_/diff, ..."
+        )
+    if strict and not report.ok:
+        raise FormatError(f"{len(report.problems())} keys{where} were not loaded: " + "; ".join(
+            f"{k}: {v}" for k, v in list(report.problems().items())[:10]))
+    return LoRA(layers, metadata, _format_name(prefix_conv, suffix_conv), source, report)
+
+
+def _build_layer(name: str, fields: dict[str, torch.Tensor], keys: tuple[str, ...], peft_cfg) -> tuple[Layer, str]:
+    component, path, flat, pconv = _split_prefix(name)
+    main = {f: t for f, t in fields.items() if f not in _SIDE_FIELDS or f == "alpha"}
+    weight = None
+    adapter_fields = {f for f in main if f != "alpha"}
+    if adapter_fields:
+        cls = adapter_for_fields(adapter_fields)
+        if cls is None:
+            raise FormatError(f"{name}: fields {sorted(adapter_fields)} form no known adapter")
+        extra = adapter_fields - set(cls.fields)
+        if extra:
+            raise FormatError(f"{name}: {cls.kind} adapter cannot hold {sorted(extra)}; the keys are mixed up")
+        weight = cls.from_fields(main, name=name)
+        if weight.alpha is None and "down" in main and ("up" in main):
+            alpha = _peft_alpha(peft_cfg.get(component) or peft_cfg.get(None), path, weight.rank)
+            if alpha is not None:
+                import dataclasses
+
+                weight = dataclasses.replace(weight, alpha=alpha)
+    elif "alpha" in fields and len(fields) == 1:
+        raise FormatError(f"{name}.alpha has no adapter weights beside it (missing lora_down/lora_up)")
+    dora = None
+    if "dora_scale" in fields or "magnitude" in fields:
+        if weight is None:
+            raise FormatError(f"{name}: DoRA magnitude without an adapter to scale")
+        peft = "magnitude" in fields
+        dora = DoRA.from_tensor(fields["magnitude" if peft else "dora_scale"], peft=peft, name=name)
+    bias, bias_key = None, "diff_b"
+    for key in ("diff_b", "b_norm"):
+        if key in fields:
+            bias, bias_key = fields[key], key
+    for t in (bias, fields.get("diff_m")):
+        if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(f"{name}: a bias/modulation delta contains NaN or Inf; the file is corrupt.")
+    params = {"modulation": fields["diff_m"]} if "diff_m" in fields else {}
+    layer = Layer(
+        name=name, component=component, path=path, flat=flat, weight=weight, bias=bias, dora=dora,
+        params=params, keys=keys, bias_key=bias_key,
+    )
+    return layer, pconv
+
+
+def _format_name(prefix_conv: Counter[str], suffix_conv: Counter[str]) -> str:
+    if suffix_conv.get("lightx2v"):
+        return "lightx2v"
+    if suffix_conv.get("xlabs"):
+        return "xlabs"
+    if suffix_conv.get("diffusers-old"):
+        return "diffusers-old"
+    top_prefix = prefix_conv.most_common(1)[0][0] if prefix_conv else "plain"
+    if top_prefix in ("kohya", "onetrainer", "lycoris"):
+        return "lycoris" if suffix_conv.get("lycoris") and not suffix_conv.get("kohya") else top_prefix
+    if suffix_conv.get("peft") or suffix_conv.get("diffusers"):
+        return "peft" if suffix_conv.get("peft") else "diffusers"
+    if suffix_conv.get("lycoris"):
+        return "lycoris"
+    return "kohya" if suffix_conv.get("kohya") and top_prefix == "plain" else top_prefix
+
+
+def load(source: str | os.PathLike[str] | Mapping[str, torch.Tensor] | LoRA, *, strict: bool = False) -> LoRA:
+    """Load a LoRA from a path, a hub reference ``org/repo/file.safetensors``, a state dict or a LoRA.
+
+    ``strict=True`` raises on the first broken or unloadable key; the default loads what is valid and
+    lists every other key in ``lora.report``.
+    """
+    if isinstance(source, LoRA):
+        return source
+    if isinstance(source, Mapping):
+        return parse_state_dict(source, {}, strict=strict, source=None)
+    path = resolve_source(source)
+    tensors, metadata = read_tensors(path)
+    return parse_state_dict(tensors, metadata, strict=strict, source=str(Path(path)))

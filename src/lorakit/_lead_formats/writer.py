@@ -1,0 +1,223 @@
+"""Write a canonical LoRA as a kohya/LyCORIS file (ComfyUI, A1111, kohya read it) or a diffusers/PEFT
+file (``load_lora_weights`` / ``load_lora_adapter`` read it), atomically and never over an input.
+
+PEFT alpha: kept exact in the ``lora_adapter_metadata`` header (``lora_alpha`` = the most common alpha,
+``alpha_pattern``/``rank_pattern`` for the others), the way diffusers' own ``save_lora_weights`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import MatchError, UnsupportedAdapterError
+from ..io import write_tensors
+from ..model import Layer, LoRA
+
+__all__ = ["KOHYA_PREFIX", "PEFT_PREFIX", "save", "to_state_dict"]
+
+KOHYA_PREFIX = {
+    "denoiser": "lora_unet_",
+    "text_encoder": "lora_te1_",
+    "text_encoder_2": "lora_te2_",
+    "text_encoder_3": "lora_te3_",
+}
+PEFT_PREFIX = {
+    "denoiser": "unet.",
+    "text_encoder": "text_encoder.",
+    "text_encoder_2": "text_encoder_2.",
+    "text_encoder_3": "text_encoder_3.",
+}
+_KOHYA_FIELDS = {"down": "lora_down.weight", "up": "lora_up.weight", "mid": "lora_mid.weight"}
+_PEFT_FIELDS = {"down": "lora_A.weight", "up": "lora_B.weight", "up_bias": "lora_B.bias"}
+
+
+def _kohya_name(layer: Layer, single_te: bool) -> str:
+    if layer.component is None:
+        return layer.path
+    prefix = KOHYA_PREFIX[layer.component]
+    if layer.component == "text_encoder" and single_te:
+        prefix = "lora_te_"
+    return prefix + layer.path.replace(".", "_")
+
+
+def to_state_dict(
+    lora: LoRA, format: str = "kohya", *, dtype: torch.dtype | None = None, model: object | None = None,
+    denoiser_prefix: str | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata :func:`save` would write."""
+    if format not in ("kohya", "peft"):
+        raise ValueError(f"format must be 'kohya' or 'peft', got {format!r}")
+    out: dict[str, torch.Tensor] = {}
+    meta = {k: v for k, v in lora.metadata.items() if k != "lora_adapter_metadata"}
+
+    def put(key: str, t: torch.Tensor) -> None:
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        out[key] = t
+
+    if format == "kohya":
+        single_te = not any(l.component in ("text_encoder_2", "text_encoder_3") for l in lora)
+        for layer in lora:
+            base = _kohya_name(layer, single_te)
+            if layer.weight is not None:
+                tensors = layer.weight.tensors()
+                up_bias = tensors.pop("up_bias", None)
+                for field, t in tensors.items():
+                    put(f"{base}.{_KOHYA_FIELDS.get(field, field)}", t)
+                if layer.weight.alpha is not None:
+                    out[f"{base}.alpha"] = torch.tensor(float(layer.weight.alpha))
+                if up_bias is not None:
+                    # kohya has no lora_B.bias spelling: write the same bias delta as diff_b.
+                    bias = up_bias.float() * layer.weight.scale
+                    if layer.bias is not None:
+                        bias = bias + layer.bias.float()
+                    put(f"{base}.diff_b", bias.to(up_bias.dtype))
+                elif layer.bias is not None:
+                    put(f"{base}.{layer.bias_key}", layer.bias)
+            elif layer.bias is not None:
+                put(f"{base}.{layer.bias_key}", layer.bias)
+            if layer.dora is not None:
+                put(f"{base}.dora_scale", _kohya_dora(layer))
+            for name, t in layer.params.items():
+                if name != "modulation":
+                    raise UnsupportedAdapterError(f"{layer.name}: no kohya spelling for a delta on {name!r}")
+                put(f"{base}.diff_m", t)
+        return out, meta
+
+    names = _dotted_names(lora, model)
+    alphas: dict[str, float] = {}
+    ranks: dict[str, int] = {}
+    targets: set[str] = set()
+    use_dora = lora_bias = False
+    for layer in lora:
+        w = layer.weight
+        if w is None or w.kind != "lora" or getattr(w, "mid", None) is not None or layer.bias is not None or layer.params:
+            kinds = ", ".join(layer.kinds) + (" (Tucker)" if getattr(w, "mid", None) is not None else "")
+            raise UnsupportedAdapterError(
+                f"{layer.name}: PEFT LoRA files cannot express {kinds}; save with format='kohya' instead."
+            )
+        full = names[layer.name]
+        component, _, path = full.partition(".")
+        for field, t in w.tensors().items():
+            put(f"{full}.{_PEFT_FIELDS[field]}", t)
+        lora_bias |= w.up_bias is not None
+        if layer.dora is not None:
+            if layer.dora.axis != "out":
+                raise UnsupportedAdapterError(
+                    f"{layer.name}: DoRA normalised per input column cannot be written as PEFT "
+                    "lora_magnitude_vector (per output row); save with format='kohya' instead."
+                )
+            mag = layer.dora.magnitude.reshape(-1)
+            if w.down.dim() == 4:
+                mag = mag.reshape(1, -1, 1, 1)
+            put(f"{full}.lora_magnitude_vector", mag)
+            use_dora = True
+        alphas[full] = float(w.alpha) if w.alpha is not None else float(w.rank)
+        ranks[full] = w.rank
+        targets.add(path.rsplit(".", 1)[-1])
+    if alphas:
+        per_component: dict[str, dict] = {}
+        for full in alphas:
+            per_component.setdefault(full.split(".", 1)[0], {})
+        cfg: dict[str, object] = {}
+        for comp in per_component:
+            keys = [k for k in alphas if k.split(".", 1)[0] == comp]
+            r = Counter(ranks[k] for k in keys).most_common(1)[0][0]
+            a = Counter(alphas[k] for k in keys).most_common(1)[0][0]
+            sub = {
+                "r": r,
+                "lora_alpha": a,
+                "rank_pattern": {k.split(".", 1)[1]: ranks[k] for k in keys if ranks[k] != r},
+                "alpha_pattern": {k.split(".", 1)[1]: alphas[k] for k in keys if alphas[k] != a},
+                "target_modules": sorted({k.rsplit(".", 1)[-1] for k in keys}),
+                "use_dora": use_dora,
+                "lora_bias": lora_bias,
+            }
+            for k, v in sub.items():
+                cfg[f"{comp}.{k}"] = v
+        meta["lora_adapter_metadata"] = json.dumps(cfg, sort_keys=True)
+    return out, meta
+
+
+def _kohya_dora(layer: Layer) -> torch.Tensor:
+    dora = layer.dora
+    mag = dora.magnitude
+    ndim = layer.weight.delta_weight().dim() if layer.weight is not None else 2
+    if dora.axis == "out":
+        return mag.reshape(-1, *([1] * (ndim - 1)))
+    return mag.reshape(1, -1, *([1] * (ndim - 2)))
+
+
+def _dotted_names(lora: LoRA, model: object | None) -> dict[str, str]:
+    """Layer name -> ``<component prefix><dotted module path>``; flat names are resolved against a model."""
+    out: dict[str, str] = {}
+    flat = [l for l in lora if l.flat]
+    index = None
+    if flat:
+        index = _index_for(model, lora)
+    for layer in lora:
+        comp_prefix = PEFT_PREFIX.get(layer.component or "denoiser", "unet.")
+        if layer.component == "denoiser" and _is_transformer(model, lora):
+            comp_prefix = "transformer."
+        path = layer.path
+        if layer.flat:
+            targets = index.lookup(layer.component or "denoiser", path) if index is not None else None
+            if not targets or len(targets) != 1 or targets[0].src_rows or targets[0].dst_rows:
+                raise MatchError(
+                    f"{layer.name}: cannot turn the flattened name into a module path for PEFT; "
+                    "pass the model (--model DIR|tiny) the LoRA was trained for."
+                )
+            path = targets[0].module
+        out[layer.name] = comp_prefix + path
+    return out
+
+
+def _is_transformer(model: object | None, lora: LoRA) -> bool:
+    comps = getattr(model, "components", None)
+    if isinstance(comps, Mapping):
+        return "transformer" in comps and comps.get("transformer") is not None
+    return type(model).__name__.endswith("Transformer2DModel") or "Transformer" in type(model).__name__
+
+
+def _index_for(model: object | None, lora: LoRA):
+    from ..families import build_index
+
+    if model is None:
+        try:
+            from ..families.offline import meta_components
+        except ImportError:
+            meta_components = None
+        if meta_components is None:
+            raise MatchError("converting flattened kohya names to PEFT needs the model: pass model= / --model")
+        from ..families import detect_family  # type: ignore[attr-defined]
+
+        family = detect_family(lora) or "sd15"
+        return build_index(meta_components(family))
+    from ..runtime.resolve import components_of  # type: ignore[import-not-found]
+
+    comps = components_of(model)
+    return build_index(comps)
+
+
+def save(
+    lora: LoRA,
+    path: str | os.PathLike[str],
+    format: str = "kohya",
+    *,
+    dtype: torch.dtype | str | None = None,
+    model: nn.Module | object | None = None,
+    inputs=(),
+) -> Path:
+    """Write ``lora`` to ``path`` (safetensors) in ``format`` ("kohya" or "peft"). Atomic; refuses to
+    overwrite the file the LoRA was loaded from or any path in ``inputs``."""
+    if isinstance(dtype, str):
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    tensors, meta = to_state_dict(lora, format, dtype=dtype, model=model)
+    return write_tensors(tensors, path, meta, inputs=[lora.source, *inputs])
