@@ -118,5 +118,8 @@ UNSUPPORTED_SUFFIXES: dict[str, str] = {
     ".p_layer.weight": "T-LoRA",
     ".lambda_layer": "T-LoRA",
     ".set_weight": "ComfyUI set_weight",
+    # BFL control LoRAs ship new RMSNorm scales: replacement values, not additive deltas.
+    ".query_norm.scale": "BFL control-LoRA norm scale (a replacement value, not a delta)",
+    ".key_norm.scale": "BFL control-LoRA norm scale (a replacement value, not a delta)",
     ".reshape_weight": "ComfyUI reshape_weight",
 }

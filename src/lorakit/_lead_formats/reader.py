@@ -132,7 +132,7 @@ def parse_state_dict(
         stem = next((s for s in unsupported_stems if key.startswith(s + ".")), None)
         if stem is not None:
             report.unsupported[key] = (
-                f"{unsupported_stems[stem]} adapter: recognised but not supported by lorakit yet"
+                f"{unsupported_stems[stem]}: recognised but not supported by lorakit yet"
             )
             continue
         parts = split_key(key)
@@ -225,20 +225,23 @@ def _build_layer(name: str, fields: dict[str, torch.Tensor], keys: tuple[str, ..
 
 
 def _format_name(prefix_conv: Counter[str], suffix_conv: Counter[str]) -> str:
-    if suffix_conv.get("lightx2v"):
-        return "lightx2v"
-    if suffix_conv.get("xlabs"):
-        return "xlabs"
-    if suffix_conv.get("diffusers-old"):
-        return "diffusers-old"
+    """A readable name for the dominant convention (the per-key conventions can mix)."""
     top_prefix = prefix_conv.most_common(1)[0][0] if prefix_conv else "plain"
     if top_prefix in ("kohya", "onetrainer", "lycoris"):
-        return "lycoris" if suffix_conv.get("lycoris") and not suffix_conv.get("kohya") else top_prefix
-    if suffix_conv.get("peft") or suffix_conv.get("diffusers"):
-        return "peft" if suffix_conv.get("peft") else "diffusers"
+        lycoris_only = suffix_conv.get("lycoris") and not suffix_conv.get("kohya")
+        return "lycoris" if lycoris_only else top_prefix
+    for conv in ("xlabs", "diffusers-old"):
+        if suffix_conv.get(conv):
+            return conv
+    if suffix_conv.get("lightx2v"):
+        return "lightx2v"
+    if suffix_conv.get("peft"):
+        return "peft"
+    if suffix_conv.get("diffusers"):
+        return "diffusers"
     if suffix_conv.get("lycoris"):
         return "lycoris"
-    return "kohya" if suffix_conv.get("kohya") and top_prefix == "plain" else top_prefix
+    return top_prefix if top_prefix != "plain" else "kohya"
 
 
 def load(source: str | os.PathLike[str] | Mapping[str, torch.Tensor] | LoRA, *, strict: bool = False) -> LoRA:

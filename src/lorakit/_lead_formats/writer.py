@@ -91,6 +91,13 @@ def to_state_dict(
                 put(f"{base}.diff_m", t)
         return out, meta
 
+    for layer in lora:  # say what cannot be expressed before asking for a model to resolve names
+        w = layer.weight
+        if w is None or w.kind != "lora" or getattr(w, "mid", None) is not None or layer.bias is not None or layer.params:
+            kinds = ", ".join(layer.kinds) + (" (Tucker)" if getattr(w, "mid", None) is not None else "")
+            raise UnsupportedAdapterError(
+                f"{layer.name}: PEFT LoRA files cannot express {kinds}; save with format='kohya' instead."
+            )
     names = _dotted_names(lora, model)
     alphas: dict[str, float] = {}
     ranks: dict[str, int] = {}
@@ -98,11 +105,6 @@ def to_state_dict(
     use_dora = lora_bias = False
     for layer in lora:
         w = layer.weight
-        if w is None or w.kind != "lora" or getattr(w, "mid", None) is not None or layer.bias is not None or layer.params:
-            kinds = ", ".join(layer.kinds) + (" (Tucker)" if getattr(w, "mid", None) is not None else "")
-            raise UnsupportedAdapterError(
-                f"{layer.name}: PEFT LoRA files cannot express {kinds}; save with format='kohya' instead."
-            )
         full = names[layer.name]
         component, _, path = full.partition(".")
         for field, t in w.tensors().items():

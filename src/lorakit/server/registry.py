@@ -159,28 +159,32 @@ class Registry:
     def store_upload(self, name: str, data: bytes) -> dict[str, Any]:
         """Validate ``data`` (parses as a LoRA, all tensors finite) and store it atomically as ``name``."""
         name = sanitise_name(name)
-        if not data.startswith(b"") or len(data) < 8:
+        if len(data) < 8:
             raise ApiError(400, "invalid_lora", f"Upload {name!r} is not a safetensors file (too short).")
         header_len = int.from_bytes(data[:8], "little")
         if header_len <= 1 or header_len > len(data) - 8 or data[8:9] != b"{":
             raise ApiError(400, "invalid_lora", f"Upload {name!r} is not a safetensors file (bad header).")
         target = self.lora_dir / f"{name}.safetensors"
         # Validate from a temp file in the same folder; only a fully valid file is renamed into place.
-        try:
-            with io.atomic_output(target) as tmp:
-                tmp.write_bytes(data)
-                try:
-                    lora = lorakit.load(tmp)
-                except (LorakitError, ValueError, OSError, RuntimeError) as exc:
-                    raise ApiError(400, "invalid_lora", f"Upload {name!r} is not a valid LoRA: {exc}") from exc
-                if len(lora) == 0:
-                    raise ApiError(400, "invalid_lora", f"Upload {name!r} holds no adapter layers.")
-                for layer in lora:
-                    for t in layer.tensors():
-                        if t.is_floating_point() and not bool(t.isfinite().all()):
-                            raise ApiError(400, "invalid_lora", f"Upload {name!r}: layer {layer.name} has NaN/Inf values.")
-        except ApiError:
-            raise
+        with io.atomic_output(target) as tmp:
+            tmp.write_bytes(data)
+            try:
+                lora = lorakit.load(tmp)
+            except (LorakitError, ValueError, OSError, RuntimeError) as exc:
+                raise ApiError(400, "invalid_lora", f"Upload {name!r} is not a valid LoRA: {exc}") from exc
+            if len(lora) == 0:
+                raise ApiError(400, "invalid_lora", f"Upload {name!r} holds no adapter layers.")
+            if not lora.report.ok:
+                # Strict for uploads: a file with NaN, broken or unknown keys is refused as a whole.
+                key, reason = next(iter(lora.report.problems().items()))
+                raise ApiError(
+                    400, "invalid_lora",
+                    f"Upload {name!r} has {len(lora.report.problems())} bad key(s), e.g. {key}: {reason}",
+                )
+            for layer in lora:
+                for t in layer.tensors():
+                    if t.is_floating_point() and not bool(t.isfinite().all()):
+                        raise ApiError(400, "invalid_lora", f"Upload {name!r}: layer {layer.name} has NaN/Inf values.")
         return self.info(target, name)
 
     def delete(self, name: str) -> None:

@@ -1,0 +1,341 @@
+"""``apply``: put LoRAs on a live model, fused (``W ← round(W + Σ sᵢ ΔWᵢ)``, originals kept for a bit-exact
+``remove()``) or as forward hooks (strengths changeable live); the :class:`Patch` and its :class:`ApplyReport`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import LorakitError, MatchError, ShapeMismatchError, UnsupportedAdapterError
+from ..families import Target
+from ..model import Layer, LoRA
+from .fuse import Contribution, bias_delta, fuse, get_param, low_rank_factors, param_deltas, weight_delta
+from .hooks import HookState, make_branch
+from .resolve import Resolver, components_of
+
+__all__ = ["ApplyReport", "Patch", "PatchOrderError", "apply"]
+
+MODES = ("fuse", "hook")
+# Patches active on each component module, oldest first (weak: a dropped model takes its stack along).
+_STACKS: weakref.WeakKeyDictionary[nn.Module, list[Patch]] = weakref.WeakKeyDictionary()
+
+
+class PatchOrderError(LorakitError, RuntimeError):
+    """A patch was removed while a later patch on the same model is still active."""
+
+
+@dataclasses.dataclass
+class ApplyReport:
+    """What an apply did, per LoRA label (``"0:style.safetensors"``): ``matched`` file layer -> target
+    module(s) (``component:module``), ``unmatched`` file layers, ``shape_mismatches`` layer -> reason
+    (skipped), and how many weighted modules of the target no LoRA touched."""
+
+    mode: str = "fuse"
+    matched: dict[str, dict[str, list[str]]] = dataclasses.field(default_factory=dict)
+    unmatched: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    shape_mismatches: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
+    untouched_modules: int = 0
+    touched_tensors: int = 0
+    families: list[str] = dataclasses.field(default_factory=list)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Per LoRA: matched / unmatched / shape-mismatched layer counts."""
+        labels = list(dict.fromkeys([*self.matched, *self.unmatched, *self.shape_mismatches]))
+        return {
+            label: {
+                "matched": len(self.matched.get(label, {})),
+                "unmatched": len(self.unmatched.get(label, [])),
+                "shape_mismatches": len(self.shape_mismatches.get(label, {})),
+            }
+            for label in labels
+        }
+
+    def all_unmatched(self) -> list[str]:
+        return sorted(f"{label}: {name}" for label, names in self.unmatched.items() for name in names)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "counts": self.counts(),
+            "matched": self.matched,
+            "unmatched": self.unmatched,
+            "shape_mismatches": self.shape_mismatches,
+            "untouched_modules": self.untouched_modules,
+            "touched_tensors": self.touched_tensors,
+            "families": self.families,
+        }
+
+    def summary(self) -> str:
+        lines = [
+            f"{label}: {c['matched']} layers matched, {c['unmatched']} unmatched, {c['shape_mismatches']} shape mismatches"
+            for label, c in self.counts().items()
+        ]
+        lines.append(f"{self.mode}: {self.touched_tensors} tensors patched, {self.untouched_modules} weighted modules untouched")
+        return "\n".join(lines)
+
+    __str__ = summary
+
+
+class Patch:
+    """LoRAs applied to a model. ``remove()`` undoes it (bit-exact in fuse mode: the original tensors are
+    put back); in hook mode ``set_strengths`` changes the strengths for the next forward. Patches on one
+    model stack and must be removed newest first. Usable as a context manager."""
+
+    def __init__(self, mode: str, loras: list[tuple[LoRA, float]], report: ApplyReport, components: dict[str, nn.Module]) -> None:
+        self.mode = mode
+        self.loras = loras
+        self.report = report
+        self.components = components
+        self._strengths: list[float] = [float(s) for _, s in loras]
+        self._backups: list[tuple[nn.Parameter, torch.Tensor]] = []
+        self._handles: list[Any] = []
+        self._lora_params = 0
+        self.removed = False
+
+    @property
+    def strengths(self) -> list[float]:
+        return list(self._strengths)
+
+    def set_strengths(self, strengths: Sequence[float]) -> None:
+        """New strengths, one per LoRA, used from the next forward (hook mode only)."""
+        if self.mode != "hook":
+            raise UnsupportedAdapterError(
+                "a fused patch has its strengths baked into the weights; remove() and apply again, "
+                "or apply with mode='hook' to change strengths live"
+            )
+        if self.removed:
+            raise PatchOrderError("this patch was removed; apply the LoRAs again")
+        if len(strengths) != len(self._strengths):
+            raise ValueError(f"expected {len(self._strengths)} strengths (one per LoRA), got {len(strengths)}")
+        # in place: the hooks hold a reference to this very list
+        self._strengths[:] = [float(s) for s in strengths]
+
+    def param_stats(self) -> dict[str, float]:
+        """Total parameters of the patched components, LoRA parameters matched onto them, and the ratio."""
+        seen: set[int] = set()
+        total = 0
+        for module in self.components.values():
+            for p in module.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    total += p.numel()
+        return {
+            "total_parameters": total,
+            "lora_parameters": self._lora_params,
+            "ratio": self._lora_params / total if total else 0.0,
+        }
+
+    def remove(self) -> None:
+        """Undo this patch. Raises :class:`PatchOrderError` if a later patch is still active."""
+        if self.removed:
+            return
+        for module in self.components.values():
+            stack = _STACKS.get(module, [])
+            if self in stack and stack[-1] is not self:
+                raise PatchOrderError(
+                    f"cannot remove {self!r}: {len(stack) - 1 - stack.index(self)} later patch(es) on the same "
+                    "model are still active; remove patches in reverse order of application"
+                )
+        for handle in self._handles:
+            handle.remove()
+        for param, original in reversed(self._backups):
+            param.data = original
+        for module in self.components.values():
+            stack = _STACKS.get(module, [])
+            if stack and stack[-1] is self:
+                stack.pop()
+        self._backups.clear()
+        self._handles.clear()
+        self.removed = True
+
+    def __enter__(self) -> Patch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "removed" if self.removed else "active"
+        return f"<Patch mode={self.mode} loras={len(self.loras)} strengths={self._strengths} {state}>"
+
+
+LoraSpec = "str | os.PathLike[str] | LoRA | tuple[str | os.PathLike[str] | LoRA, float]"
+
+
+def _normalise(loras: Any) -> list[tuple[LoRA, float]]:
+    single = isinstance(loras, (str, os.PathLike, LoRA)) or (
+        isinstance(loras, tuple) and len(loras) == 2 and isinstance(loras[1], (int, float)) and not isinstance(loras[1], bool)
+    )
+    items = [loras] if single else list(loras)
+    out: list[tuple[LoRA, float]] = []
+    for item in items:
+        src, strength = item if isinstance(item, tuple) else (item, 1.0)
+        if not isinstance(src, LoRA):
+            from .. import load  # lazy: formats is a heavier import and optional for LoRA objects
+
+            src = load(src)
+        strength = float(strength)
+        if strength != strength or strength in (float("inf"), float("-inf")):
+            raise ValueError(f"strength of {src.source or 'LoRA'} must be finite, got {strength}")
+        out.append((src, strength))
+    if not out:
+        raise ValueError("no LoRA given; pass a path, a LoRA, or a list of (path|LoRA, strength)")
+    return out
+
+
+def _label(lora: LoRA, i: int) -> str:
+    return f"{i}:{os.path.basename(str(lora.source))}" if lora.source else f"{i}:lora"
+
+
+def _module(resolver: Resolver, target: Target) -> nn.Module:
+    return resolver.index.modules[target.component][target.module]
+
+
+def _fuse_pieces(layer: Layer, targets: list[Target], resolver: Resolver) -> list[tuple[nn.Parameter, Contribution]]:
+    """Every (parameter, delta) of one layer; raises ShapeMismatchError before anything is kept."""
+    pieces: list[tuple[nn.Parameter, Contribution]] = []
+    for t in targets:
+        module = _module(resolver, t)
+        if layer.weight is not None:
+            w = get_param(module, "weight")
+            if w is None:
+                raise ShapeMismatchError(f"{t.module} has no weight for the {layer.weight.kind} delta")
+            factors = low_rank_factors(layer, t, w.data)
+            if factors is not None:
+                pieces.append((w, Contribution(-1, layer.name, None, t.dst_rows, factors)))
+            else:
+                pieces.append((w, Contribution(-1, layer.name, weight_delta(layer, t, w.data), t.dst_rows)))
+        db = bias_delta(layer, t)
+        if db is not None:
+            b = get_param(module, "bias")
+            if b is None:
+                raise ShapeMismatchError(f"{t.module} has no bias for the {layer.bias_key} delta; the model was built with bias=False")
+            pieces.append((b, Contribution(-1, layer.name, db.reshape(-1), t.dst_rows)))
+        for name, delta in param_deltas(layer, t).items():
+            p = get_param(module, name)
+            if p is None:
+                raise ShapeMismatchError(f"{t.module} has no parameter {name!r} for this layer's {name} delta")
+            if delta.numel() != p.numel():
+                raise ShapeMismatchError(f"{name} delta of shape {tuple(delta.shape)} does not fit {tuple(p.shape)}")
+            pieces.append((p, Contribution(-1, layer.name, delta.reshape(p.shape), None)))
+    for p, c in pieces:
+        if c.delta is None:
+            continue  # factor form: checked by low_rank_factors
+        rows = p.shape if c.dst_rows is None else (c.dst_rows[1] - c.dst_rows[0], *p.shape[1:])
+        if tuple(c.delta.shape) != tuple(rows):
+            raise ShapeMismatchError(f"delta of shape {tuple(c.delta.shape)} does not fit {tuple(rows)}")
+    return pieces
+
+
+def _mismatch_message(report: ApplyReport) -> str:
+    items = sorted(f"{label}: {name}: {why}" for label, d in report.shape_mismatches.items() for name, why in d.items())
+    return "\n  ".join(items)
+
+
+def apply(
+    target: object,
+    loras: Any,
+    *,
+    mode: str = "fuse",
+    strict: bool = False,
+    component: str | None = None,
+) -> Patch:
+    """Apply ``loras`` to ``target`` (a diffusers pipeline, a diffusers/transformers model, or any module).
+
+    ``loras``: a path or :class:`LoRA`, or a list of ``(path|LoRA, strength)``. ``mode="fuse"`` writes
+    ``round(W + Σ sᵢ ΔWᵢ)`` (fp32 math, rounded once); ``mode="hook"`` adds ``Σ sᵢ hᵢ(x)`` to module outputs.
+    ``strict=True`` raises on any unmatched layer or shape mismatch; otherwise a warning lists them (a
+    LoRA matching nothing always raises :class:`MatchError`). On any error the model is unchanged.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    items = _normalise(loras)
+    components = components_of(target, component)
+    resolver = Resolver(components)
+    report = ApplyReport(mode=mode, families=list(resolver.index.families))
+    patch = Patch(mode, items, report, components)
+
+    fuse_plan: dict[int, tuple[nn.Parameter, list[Contribution]]] = {}
+    hook_states: dict[int, HookState] = {}
+    touched: set[int] = set()
+    for i, (lora, strength) in enumerate(items):
+        label = _label(lora, i)
+        res = resolver.resolve(lora)
+        report.unmatched[label] = sorted(layer.name for layer in res.unmatched)
+        report.matched[label] = {}
+        report.shape_mismatches[label] = {}
+        for layer, targets in res.matched:
+            try:
+                if mode == "fuse":
+                    pieces = [] if strength == 0.0 else _fuse_pieces(layer, targets, resolver)
+                else:
+                    branches = [(t, _module(resolver, t), make_branch(layer, t, _module(resolver, t))) for t in targets]
+            except ShapeMismatchError as exc:
+                report.shape_mismatches[label][layer.name] = str(exc)
+                continue
+            report.matched[label][layer.name] = [f"{t.component}:{t.module}" for t in targets]
+            patch._lora_params += layer.parameters()
+            if mode == "fuse":
+                for param, contrib in pieces:
+                    contrib.lora = i
+                    fuse_plan.setdefault(id(param), (param, []))[1].append(contrib)
+            else:
+                for t, module, branch in branches:
+                    state = hook_states.get(id(module))
+                    if state is None:
+                        state = hook_states[id(module)] = HookState(module, patch._strengths)
+                    state.branches.append((i, branch, t.dst_rows))
+            touched.update(id(_module(resolver, t)) for t in targets)
+
+    n_matched = sum(len(v) for v in report.matched.values())
+    unmatched = report.all_unmatched()
+    if n_matched == 0:
+        sample = ", ".join(unmatched[:10]) + (" ..." if len(unmatched) > 10 else "")
+        problems = _mismatch_message(report)
+        raise MatchError(
+            f"no layer of the LoRA(s) matched a module of the {type(target).__name__} "
+            f"(components: {', '.join(components)}; unmatched: {sample or '-'}"
+            + (f"; shape mismatches:\n  {problems}" if problems else "")
+            + "). Is it a LoRA for another model family?"
+        )
+    if strict and (unmatched or any(report.shape_mismatches.values())):
+        parts = []
+        if unmatched:
+            parts.append(f"{len(unmatched)} layer(s) matched no module:\n  " + "\n  ".join(unmatched))
+        if any(report.shape_mismatches.values()):
+            parts.append("shape mismatches:\n  " + _mismatch_message(report))
+        raise MatchError("strict=True and nothing was applied; " + "\n".join(parts) + "\nPass strict=False to skip these layers.")
+
+    # Everything is computed and checked: now change the model (fuse itself stages before swapping).
+    if mode == "fuse":
+        patch._backups = fuse(fuse_plan, patch._strengths)
+        report.touched_tensors = len(patch._backups)
+    else:
+        for state in hook_states.values():
+            patch._handles.append(state.module.register_forward_hook(state))
+        report.touched_tensors = sum(len(s.branches) for s in hook_states.values())
+    report.untouched_modules = sum(
+        1
+        for root in components.values()
+        for m in root.modules()
+        if isinstance(getattr(m, "weight", None), torch.Tensor) and id(m) not in touched
+    )
+    skipped = unmatched + [f"{k} (shape mismatch)" for k in sorted(
+        f"{label}: {name}" for label, d in report.shape_mismatches.items() for name in d)]
+    if skipped:
+        warnings.warn(
+            f"{len(skipped)} LoRA layer(s) were not applied:\n  " + "\n  ".join(skipped)
+            + "\nPass strict=True to make this an error.",
+            stacklevel=2,
+        )
+    for module in components.values():
+        _STACKS.setdefault(module, []).append(patch)
+    return patch

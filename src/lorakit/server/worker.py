@@ -1,0 +1,196 @@
+"""One worker thread owns the pipeline: a bounded queue, a scheduler that groups requests by LoRA stack
+(fewest swaps) and batches same-stack, same-shape requests into one pipeline call with per-request seeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io as _io
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+import torch
+
+from .metrics import Metrics
+from .registry import ApiError
+
+__all__ = ["Job", "Stack", "Worker"]
+
+# A LoRA stack as the scheduler sees it: ((sha256 or name, strength), ...). Order matters for apply.
+Stack = tuple[tuple[str, float], ...]
+
+
+@dataclasses.dataclass
+class Job:
+    """One generate request waiting in the queue; ``future`` receives (PNG bytes, batch size)."""
+
+    stack: Stack
+    loras: list[tuple[Any, float]]  # (parsed LoRA, strength) in request order
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    sources: tuple[str, ...] = ()  # file of each LoRA, parallel to ``stack`` (for remote replicas)
+    enqueued: float = dataclasses.field(default_factory=time.monotonic)
+    future: Future = dataclasses.field(default_factory=Future)
+
+    def batch_key(self) -> tuple[Any, ...]:
+        # Requests may share one pipeline call only if everything but prompt/seed is equal.
+        return (self.stack, self.width, self.height, self.steps, self.guidance_scale)
+
+
+def to_png(image: np.ndarray) -> bytes:
+    """Encode a float HxWx3 image in [0, 1] as PNG, quantising exactly as diffusers' ``numpy_to_pil``."""
+    from PIL import Image
+
+    arr = (image * 255).round().astype("uint8")
+    buf = _io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class Worker:
+    """Owns ``pipe``; only this thread ever touches it (diffusers' LoRA state is not thread-safe)."""
+
+    def __init__(
+        self,
+        pipe: Any,
+        metrics: Metrics,
+        *,
+        max_queue: int = 64,
+        max_batch: int = 4,
+        max_wait_s: float = 5.0,
+        apply: Callable[..., Any] | None = None,
+    ) -> None:
+        self.pipe = pipe
+        self.metrics = metrics
+        self.max_queue = max_queue
+        self.max_batch = max_batch
+        # After this long a request is served next even if it forces a swap (no starvation).
+        self.max_wait_s = max_wait_s
+        self._apply = apply
+        self._queue: list[Job] = []
+        self._cond = threading.Condition()
+        self._stop = False
+        self.current: Stack = ()
+        self._patch: Any = None
+        self.swaps = 0
+        self.calls = 0
+        self._thread = threading.Thread(target=self._run, name="lorakit-worker", daemon=True)
+        self._thread.start()
+
+    # ---- producer side -------------------------------------------------------------------------
+    def submit(self, job: Job) -> Future:
+        with self._cond:
+            if len(self._queue) >= self.max_queue:
+                raise ApiError(
+                    503, "queue_full", f"Queue is full ({self.max_queue} waiting); retry shortly.",
+                    headers={"Retry-After": "1"},
+                )
+            self._queue.append(job)
+            self.metrics.queue_depth = len(self._queue)
+            self._cond.notify()
+        return job.future
+
+    def depth(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._thread.join(timeout=30)
+        if self._patch is not None:
+            self._patch.remove()
+            self._patch = None
+
+    # ---- scheduling ------------------------------------------------------------------------------
+    def _take_batch(self) -> list[Job]:
+        """Pick the next batch (caller holds the lock and the queue is not empty)."""
+        oldest = self._queue[0]
+        starving = time.monotonic() - oldest.enqueued > self.max_wait_s
+        same = [j for j in self._queue if j.stack == self.current]
+        if starving:
+            lead = oldest
+        elif same:
+            lead = same[0]
+        else:
+            # A swap is unavoidable: go to the stack with most waiting requests (ties: oldest first),
+            # so one swap serves as many requests as possible.
+            counts: dict[Stack, int] = {}
+            for j in self._queue:
+                counts[j.stack] = counts.get(j.stack, 0) + 1
+            lead = max(self._queue, key=lambda j: counts[j.stack])  # max keeps the first (oldest) on ties
+        key = lead.batch_key()
+        batch = [j for j in self._queue if j.batch_key() == key][: self.max_batch]
+        for j in batch:
+            self._queue.remove(j)
+        self.metrics.queue_depth = len(self._queue)
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stop:
+                    self._cond.wait()
+                if self._stop:
+                    for j in self._queue:
+                        j.future.set_exception(ApiError(503, "shutting_down", "Server is shutting down."))
+                    self._queue.clear()
+                    return
+                batch = self._take_batch()
+            try:
+                images = self._generate(batch)
+            except BaseException as exc:  # one failed call must not kill the worker
+                for j in batch:
+                    if not j.future.done():
+                        j.future.set_exception(exc)
+                continue
+            for j, png in zip(batch, images):
+                # The batch size travels with the image: clients and tests can tell batched results apart.
+                j.future.set_result((png, len(batch)))
+
+    # ---- execution -------------------------------------------------------------------------------
+    def _switch(self, job: Job) -> None:
+        if job.stack == self.current:
+            return
+        import lorakit
+
+        apply = self._apply or lorakit.apply
+        # Restore the base bit-exactly before fusing the next stack, so swaps never accumulate drift.
+        if self._patch is not None:
+            self._patch.remove()
+            self._patch = None
+        self.current = ()
+        if job.loras:
+            self._patch = apply(self.pipe, job.loras, mode="fuse")
+        self.current = job.stack
+        self.swaps += 1
+        self.metrics.swaps += 1
+
+    def _generate(self, batch: list[Job]) -> list[bytes]:
+        first = batch[0]
+        self._switch(first)
+        generators = [torch.Generator("cpu").manual_seed(j.seed) for j in batch]
+        start = time.perf_counter()
+        out = self.pipe(
+            prompt=[j.prompt for j in batch],
+            negative_prompt=[j.negative_prompt for j in batch],
+            width=first.width,
+            height=first.height,
+            num_inference_steps=first.steps,
+            guidance_scale=first.guidance_scale,
+            generator=generators,
+            output_type="np",
+        )
+        self.calls += 1
+        self.metrics.observe_batch(len(batch), time.perf_counter() - start)
+        return [to_png(img) for img in out.images]
