@@ -152,8 +152,11 @@ def test_extract_low_rank_error_matches_optimum_and_options(tmp_path):
                   include=["*attn*", "*conv*"], exclude=["*.bias"])
     sd = load_file(tmp_path / "r2.safetensors")
     assert all(v.dtype == torch.bfloat16 for k, v in sd.items() if not k.endswith(".alpha"))
-    assert set(sd) == {"blocks.0.attn.to_q.lora_A.weight", "blocks.0.attn.to_q.lora_B.weight", "blocks.0.attn.to_q.alpha",
-                       "blocks.0.conv.lora_A.weight", "blocks.0.conv.lora_B.weight", "blocks.0.conv.alpha"}
+    assert set(sd) == {"blocks.0.attn.to_q.lora_A.weight", "blocks.0.attn.to_q.lora_B.weight",
+                       "blocks.0.conv.lora_A.weight", "blocks.0.conv.lora_B.weight"}
+    # PEFT keeps alpha in the lora_adapter_metadata header (alpha = rank: scale 1)
+    import lorakit
+    assert {layer.weight.scale for layer in lorakit.load(tmp_path / "r2.safetensors")} == {1.0}
     assert sd["blocks.0.conv.lora_A.weight"].shape == (1, 16, 3, 3)
     q = next(s for s in res.layers if s["key"] == "blocks.0.attn.to_q.weight")
     true = tuned["blocks.0.attn.to_q.weight"] - base["blocks.0.attn.to_q.weight"]
@@ -200,7 +203,7 @@ def test_extract_from_diffusers_folder_and_pickle(tmp_path):
     res = extract(tmp_path / "base", tmp_path / "tuned", tmp_path / "f.safetensors", rank=1)
     sd = load_file(tmp_path / "f.safetensors")
     assert "lora_unet_down_blocks_0_attn_to_k.lora_down.weight" in sd
-    assert "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight" in sd
+    assert "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight" in sd  # kohya SD1 spelling
     assert res.summary["max_rel_error"] < 1e-5
     torch.save({"state_dict": {"a.weight": torch.randn(8, 8, generator=g)}}, tmp_path / "b.pt")
     sd_t = {"a.weight": torch.load(tmp_path / "b.pt")["state_dict"]["a.weight"] + 1.0}

@@ -35,21 +35,13 @@ _LAZY = {
     "apply": "lorakit.runtime",
     "compose": "lorakit.ops",
     "extract": "lorakit.ops",
-    "inspect": "lorakit.inspect",
+    "inspect": "lorakit.inspection",
     "load": "lorakit.formats",
     "merge": "lorakit.ops",
     "resize": "lorakit.ops",
     "save": "lorakit.formats",
     "tiny_pipeline": "lorakit.pipelines",
     "validate": "lorakit.ops",
-}
-
-_FALLBACK = {
-    "lorakit.formats": "lorakit._lead_formats",
-    "lorakit.runtime": "lorakit._lead_runtime",
-    "lorakit.pipelines": "lorakit._lead_pipelines",
-    "lorakit.inspect": "lorakit._lead_formats",
-    "lorakit.ops": "lorakit.ops",
 }
 
 __all__ = [
@@ -87,10 +79,7 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
-    try:
-        value = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        value = getattr(importlib.import_module(_FALLBACK[module]), name)  # TEMPORARY during integration
+    value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
 

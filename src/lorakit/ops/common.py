@@ -15,9 +15,8 @@ from typing import Any
 
 import torch
 
-from ..adapters import DoRA, FullDiff, NormDiff, adapter_for_fields
 from ..errors import FormatError, MatchError, NonFiniteError, SourceNotFoundError
-from ..io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, read_tensors, write_tensors
+from ..io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, read_tensors
 from ..model import Layer, LoRA
 
 __all__ = [
@@ -28,7 +27,6 @@ __all__ = [
     "Progress",
     "TensorInfo",
     "load_lora",
-    "lora_to_tensors",
     "parse_dtype",
     "save_lora",
 ]
@@ -312,88 +310,13 @@ class ModuleIndex:
 
 # kohya/LyCORIS and PEFT spellings -> canonical field (FORMATS.md §2.1). Used only when lorakit.formats is
 # not importable; files written by save_lora() use these spellings.
-_SUFFIXES = (
-    (".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_mid.weight", "mid"),
-    (".lora_A.weight", "down"), (".lora_B.weight", "up"), (".lora_B.bias", "up_bias"), (".alpha", "alpha"),
-    (".diff_b", "diff_b"), (".b_norm", "b_norm"), (".diff_m", "diff_m"), (".diff", "diff"), (".w_norm", "w_norm"),
-    (".dora_scale", "dora_scale"), (".lora_magnitude_vector", "lora_magnitude_vector"),
-    (".hada_w1_a", "hada_w1_a"), (".hada_w1_b", "hada_w1_b"), (".hada_w2_a", "hada_w2_a"),
-    (".hada_w2_b", "hada_w2_b"), (".hada_t1", "hada_t1"), (".hada_t2", "hada_t2"),
-    (".lokr_w1", "lokr_w1"), (".lokr_w2", "lokr_w2"), (".lokr_w1_a", "lokr_w1_a"), (".lokr_w1_b", "lokr_w1_b"),
-    (".lokr_w2_a", "lokr_w2_a"), (".lokr_w2_b", "lokr_w2_b"), (".lokr_t2", "lokr_t2"),
-)
-_COMPONENT_PREFIX = (
-    ("lora_unet_", "denoiser", True), ("lora_transformer_", "denoiser", True), ("lora_te1_", "text_encoder", True),
-    ("lora_te2_", "text_encoder_2", True), ("lora_te3_", "text_encoder_3", True), ("lora_te_", "text_encoder", True),
-    ("unet.", "denoiser", False), ("transformer.", "denoiser", False), ("text_encoder_2.", "text_encoder_2", False),
-    ("text_encoder_3.", "text_encoder_3", False), ("text_encoder.", "text_encoder", False),
-)
-
-
-def _local_parse(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str) -> LoRA:
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    keys: dict[str, list[str]] = {}
-    for key, t in tensors.items():
-        for suffix, field in sorted(_SUFFIXES, key=lambda s: -len(s[0])):
-            if key.endswith(suffix):
-                name = key[: -len(suffix)]
-                groups.setdefault(name, {})[field] = t
-                keys.setdefault(name, []).append(key)
-                break
-        else:
-            raise FormatError(f"{source}: key {key} is not a LoRA/LyCORIS key lorakit's offline tools understand")
-    layers: dict[str, Layer] = {}
-    for name, fields in groups.items():
-        comp, path, flat = None, name, "." not in name
-        for prefix, c, is_flat in _COMPONENT_PREFIX:
-            if name.startswith(prefix):
-                comp, path, flat = c, name[len(prefix):], is_flat
-                break
-        wfields = {k: v for k, v in fields.items() if k not in ("diff_b", "b_norm", "diff_m", "dora_scale", "lora_magnitude_vector")}
-        weight = None
-        cls = adapter_for_fields(set(wfields))
-        if cls is not None:
-            weight = cls.from_fields(wfields, name=name)
-        dora = None
-        for dk in ("dora_scale", "lora_magnitude_vector"):
-            if dk in fields:
-                dora = DoRA.from_tensor(fields[dk], peft=dk == "lora_magnitude_vector", name=name)
-        bias = fields.get("diff_b", fields.get("b_norm"))
-        layers[name] = Layer(
-            name=name, component=comp, path=path, flat=flat, weight=weight, bias=bias, dora=dora,
-            params={"modulation": fields["diff_m"]} if "diff_m" in fields else {},
-            keys=tuple(keys[name]), bias_key="b_norm" if "b_norm" in fields else "diff_b",
-        )
-    fmt = "peft" if any(".lora_A." in k for k in tensors) else "kohya"
-    return LoRA(layers=layers, metadata=metadata, format=fmt, source=source)
-
-
 def load_lora(source: str | os.PathLike[str] | LoRA) -> LoRA:
-    """A LoRA object from a path (``lorakit.load`` when the formats package is present, else a local
-    reader of the kohya/LyCORIS/PEFT spellings), or the object itself."""
+    """A LoRA object from a path / hub reference (through :func:`lorakit.load`), or the object itself."""
     if isinstance(source, LoRA):
         return source
-    try:
-        from ..formats import load  # type: ignore[attr-defined]
-    except ImportError:
-        load = None
-    path = Path(source)
-    if load is not None:
-        try:
-            return load(source)
-        except FormatError as exc:
-            # lorakit.formats is the authority; the local reader only rescues files spelled as save_lora writes.
-            if not path.exists():
-                raise
-            try:
-                tensors, metadata = read_tensors(path)
-                return _local_parse(tensors, metadata, str(path))
-            except FormatError:
-                raise exc from None
-    if not path.exists():
-        raise SourceNotFoundError(f"No such LoRA file: {source}")
-    tensors, metadata = read_tensors(path)
-    return _local_parse(tensors, metadata, str(path))
+    from ..formats import load
+
+    return load(source)
 
 
 def kohya_name(layer: Layer) -> str:
@@ -415,56 +338,18 @@ def peft_name(layer: Layer) -> str:
     return layer.name
 
 
-def lora_to_tensors(lora: LoRA, fmt: str = "kohya", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Tensors of ``lora`` in kohya/LyCORIS spelling (``lora_down/lora_up/alpha/diff/...``) or PEFT spelling
-    (``lora_A/lora_B``, with alpha written as a scalar ``.alpha`` key so the scale survives)."""
-    if fmt not in ("kohya", "peft"):
-        raise FormatError(f"unknown output format {fmt!r}; use 'kohya' or 'peft'")
-    out: dict[str, torch.Tensor] = {}
-
-    def put(key: str, t: torch.Tensor) -> None:
-        out[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-
-    for layer in lora:
-        n = kohya_name(layer) if fmt == "kohya" else peft_name(layer)
-        w = layer.weight
-        if w is not None:
-            if w.kind == "lora":
-                lo = "lora_down.weight" if fmt == "kohya" else "lora_A.weight"
-                hi = "lora_up.weight" if fmt == "kohya" else "lora_B.weight"
-                put(f"{n}.{lo}", w.down)
-                put(f"{n}.{hi}", w.up)
-                if w.mid is not None:
-                    put(f"{n}.lora_mid.weight", w.mid)
-                if w.up_bias is not None:
-                    put(f"{n}.lora_B.bias", w.up_bias)
-            elif isinstance(w, FullDiff):
-                put(f"{n}.diff", w.diff)
-            elif isinstance(w, NormDiff):
-                put(f"{n}.w_norm", w.w_norm)
-            else:
-                for field, t in w.tensors().items():
-                    put(f"{n}.{field}", t)
-            if w.alpha is not None:
-                out[f"{n}.alpha"] = torch.tensor(float(w.alpha), dtype=torch.float32)
-        if layer.bias is not None:
-            put(f"{n}.{layer.bias_key}", layer.bias)
-        if layer.dora is not None:
-            put(f"{n}.{layer.dora.source}", layer.dora.magnitude)
-        for p, t in layer.params.items():
-            put(f"{n}.diff_m" if p == "modulation" else f"{n}.{p}", t)
-    return out
-
-
 def save_lora(
     lora: LoRA, path: str | os.PathLike[str], fmt: str = "kohya", *, dtype: torch.dtype | None = None,
     inputs: Iterable[str | os.PathLike[str] | None] = (), metadata: dict[str, str] | None = None,
 ) -> Path:
-    """Write ``lora`` atomically (temp file + rename) in kohya or PEFT spelling."""
-    tensors = lora_to_tensors(lora, fmt, dtype)
+    """Write ``lora`` atomically (temp file + rename) in kohya or PEFT spelling via :func:`lorakit.save`."""
+    from ..formats import save
+
+    if fmt not in ("kohya", "peft"):
+        raise FormatError(f"unknown output format {fmt!r}; use 'kohya' or 'peft'")
     meta = dict(lora.metadata)
     meta.update(metadata or {})
-    return write_tensors(tensors, path, meta, inputs=inputs)
+    return save(dataclasses.replace(lora, metadata=meta), path, fmt, dtype=dtype, inputs=inputs)
 
 
 def shape_numel(shape: Iterable[int]) -> int:

@@ -202,7 +202,7 @@ def extract(
         if weight is None and "bias" not in parts and "modulation" not in parts:
             continue
         layers[name] = Layer(
-            name=name, component=comp if comp is not None else "denoiser", path=path, flat=format == "kohya",
+            name=name, component=comp, path=path, flat=format == "kohya",
             weight=weight, bias=parts.get("bias"), params={"modulation": parts["modulation"]} if "modulation" in parts else {},
             bias_key=parts.get("bias_key", "diff_b"),
         )

@@ -72,10 +72,8 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] | None 
 
 
 def _load_pipeline(model: str) -> Any:
-    try:
-        from lorakit.pipelines import load_pipeline
-    except ImportError:  # TEMPORARY during integration, mirrors lorakit.__init__'s fallback
-        from lorakit._lead_pipelines import load_pipeline
+    from lorakit.pipelines import load_pipeline
+
     return load_pipeline(model)
 
 

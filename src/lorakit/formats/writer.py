@@ -38,9 +38,13 @@ _KOHYA_FIELDS = {"down": "lora_down.weight", "up": "lora_up.weight", "mid": "lor
 _PEFT_FIELDS = {"down": "lora_A.weight", "up": "lora_B.weight", "up_bias": "lora_B.bias"}
 
 
+# Native (ComfyUI / LightX2V / BFL) names are kept as written: those tools read kohya suffixes on them.
+_NATIVE_PREFIXES = ("diffusion_model.", "model.diffusion_model.", "text_encoders.")
+
+
 def _kohya_name(layer: Layer, single_te: bool) -> str:
-    if layer.component is None:
-        return layer.path
+    if layer.component is None or layer.name.startswith(_NATIVE_PREFIXES):
+        return layer.name
     prefix = KOHYA_PREFIX[layer.component]
     if layer.component == "text_encoder" and single_te:
         prefix = "lora_te_"
@@ -63,7 +67,7 @@ def to_state_dict(
         out[key] = t
 
     if format == "kohya":
-        single_te = not any(l.component in ("text_encoder_2", "text_encoder_3") for l in lora)
+        single_te = not any(layer.component in ("text_encoder_2", "text_encoder_3") for layer in lora)
         for layer in lora:
             base = _kohya_name(layer, single_te)
             if layer.weight is not None:
@@ -106,7 +110,7 @@ def to_state_dict(
     for layer in lora:
         w = layer.weight
         full = names[layer.name]
-        component, _, path = full.partition(".")
+        path = full.split(".", 1)[1] if layer.component is not None else full
         for field, t in w.tensors().items():
             put(f"{full}.{_PEFT_FIELDS[field]}", t)
         lora_bias |= w.up_bias is not None
@@ -125,25 +129,24 @@ def to_state_dict(
         ranks[full] = w.rank
         targets.add(path.rsplit(".", 1)[-1])
     if alphas:
-        per_component: dict[str, dict] = {}
-        for full in alphas:
-            per_component.setdefault(full.split(".", 1)[0], {})
+        comp_of = {names[ly.name]: (PEFT_PREFIX[ly.component][:-1] if ly.component else None) for ly in lora}
         cfg: dict[str, object] = {}
-        for comp in per_component:
-            keys = [k for k in alphas if k.split(".", 1)[0] == comp]
+        for comp in dict.fromkeys(comp_of.values()):
+            keys = [k for k in alphas if comp_of[k] == comp]
+            local = (lambda k: k.split(".", 1)[1]) if comp else (lambda k: k)  # noqa: E731
             r = Counter(ranks[k] for k in keys).most_common(1)[0][0]
             a = Counter(alphas[k] for k in keys).most_common(1)[0][0]
             sub = {
                 "r": r,
                 "lora_alpha": a,
-                "rank_pattern": {k.split(".", 1)[1]: ranks[k] for k in keys if ranks[k] != r},
-                "alpha_pattern": {k.split(".", 1)[1]: alphas[k] for k in keys if alphas[k] != a},
+                "rank_pattern": {local(k): ranks[k] for k in keys if ranks[k] != r},
+                "alpha_pattern": {local(k): alphas[k] for k in keys if alphas[k] != a},
                 "target_modules": sorted({k.rsplit(".", 1)[-1] for k in keys}),
                 "use_dora": use_dora,
                 "lora_bias": lora_bias,
             }
             for k, v in sub.items():
-                cfg[f"{comp}.{k}"] = v
+                cfg[f"{comp}.{k}" if comp else k] = v
         meta["lora_adapter_metadata"] = json.dumps(cfg, sort_keys=True)
     return out, meta
 
@@ -160,17 +163,15 @@ def _kohya_dora(layer: Layer) -> torch.Tensor:
 def _dotted_names(lora: LoRA, model: object | None) -> dict[str, str]:
     """Layer name -> ``<component prefix><dotted module path>``; flat names are resolved against a model."""
     out: dict[str, str] = {}
-    flat = [l for l in lora if l.flat]
-    index = None
-    if flat:
-        index = _index_for(model, lora)
+    resolver = _resolver_for(model, lora) if any(layer.flat for layer in lora) else None
     for layer in lora:
-        comp_prefix = PEFT_PREFIX.get(layer.component or "denoiser", "unet.")
+        # a layer with no component (a plain state dict) keeps its bare module path
+        comp_prefix = "" if layer.component is None else PEFT_PREFIX[layer.component]
         if layer.component == "denoiser" and _is_transformer(model, lora):
             comp_prefix = "transformer."
         path = layer.path
         if layer.flat:
-            targets = index.lookup(layer.component or "denoiser", path) if index is not None else None
+            targets = resolver.lookup(layer)
             if not targets or len(targets) != 1 or targets[0].src_rows or targets[0].dst_rows:
                 raise MatchError(
                     f"{layer.name}: cannot turn the flattened name into a module path for PEFT; "
@@ -188,24 +189,20 @@ def _is_transformer(model: object | None, lora: LoRA) -> bool:
     return type(model).__name__.endswith("Transformer2DModel") or "Transformer" in type(model).__name__
 
 
-def _index_for(model: object | None, lora: LoRA):
-    from ..families import build_index
+def _resolver_for(model: object | None, lora: LoRA):
+    from ..runtime.resolve import Resolver, components_of
 
     if model is None:
         try:
-            from ..families.offline import meta_components
+            from ..families import detect_family  # type: ignore[attr-defined]
+            from ..families.offline import meta_components  # type: ignore[import-not-found]
         except ImportError:
-            meta_components = None
-        if meta_components is None:
-            raise MatchError("converting flattened kohya names to PEFT needs the model: pass model= / --model")
-        from ..families import detect_family  # type: ignore[attr-defined]
-
-        family = detect_family(lora) or "sd15"
-        return build_index(meta_components(family))
-    from ..runtime.resolve import components_of  # type: ignore[import-not-found]
-
-    comps = components_of(model)
-    return build_index(comps)
+            raise MatchError(
+                "converting flattened kohya names to PEFT needs the model they were trained for: pass model= "
+                "(lorakit convert --model DIR|tiny)"
+            ) from None
+        return Resolver(meta_components(detect_family(lora) or "sd15"))
+    return Resolver(components_of(model))
 
 
 def save(

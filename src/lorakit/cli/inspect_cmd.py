@@ -1,0 +1,111 @@
+"""``lorakit inspect`` and ``lorakit convert``: look inside a LoRA file, rewrite it in another convention."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+__all__ = ["convert_cmd", "inspect_cmd"]
+
+
+@click.command("inspect")
+@click.argument("file")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for scripts).")
+@click.option("--model", default=None, help="A diffusers folder, 'tiny' or a family name: adds coverage.")
+def inspect_cmd(file: str, as_json: bool, model: str | None) -> None:
+    """Show a LoRA file's format, adapter types, ranks, alphas and every key that did not load.
+
+    \b
+        lorakit inspect style.safetensors
+        lorakit inspect style.safetensors --json | jq .ranks
+    """
+    from .. import inspect
+
+    target = _model(model) if model else None
+    info = inspect(file, model=target)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, sort_keys=True, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"{file}", show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    ranks = info["ranks"]
+    rank_txt = "-" if not ranks else (
+        str(info["rank_min"]) if info["rank_min"] == info["rank_max"] else f"{info['rank_min']}..{info['rank_max']}"
+    )
+    rows = [
+        ("format", info["format"]),
+        ("family", str(info["family"] or "-")),
+        ("layers", str(info["layers"])),
+        ("adapter types", ", ".join(f"{k}={v}" for k, v in info["adapter_types"].items())),
+        ("rank", rank_txt),
+        ("alpha", ", ".join(f"{k} ({v} layers)" for k, v in info["alphas"].items()) or "-"),
+        ("dtypes", ", ".join(f"{k} ({v})" for k, v in info["dtypes"].items())),
+        ("parameters", f"{info['parameters']:,}"),
+        ("file size", "-" if info["file_size"] is None else f"{info['file_size'] / 1e6:.2f} MB"),
+        ("components", ", ".join(f"{k} ({v})" for k, v in info["components"].items())),
+        ("targets", ", ".join(f"{k} ({v})" for k, v in info["target_kinds"].items())),
+    ]
+    if "coverage" in info:
+        cov = info["coverage"]
+        rows.append(("coverage", f"{cov['matched']} matched, {len(cov['unmatched'])} unmatched"))
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+    if info["metadata"]:
+        meta = Table(title="metadata", show_header=False)
+        for key, value in sorted(info["metadata"].items()):
+            meta.add_row(key, value if len(value) < 120 else value[:117] + "...")
+        console.print(meta)
+    report = info["report"]
+    problems = {**report["unsupported"], **report["invalid"], **{k: "unknown key" for k in report["unknown"]}}
+    if problems:
+        console.print(f"[yellow]{len(problems)} keys not loaded:[/yellow]")
+        for key, reason in sorted(problems.items()):
+            console.print(f"  {key}: {reason}")
+
+
+def _model(model: str):
+    from ..pipelines import load_pipeline
+
+    if model == "tiny" or not _is_family(model):
+        return load_pipeline(model)
+    return model  # a family name: inspect builds its meta-device model
+
+
+def _is_family(name: str) -> bool:
+    try:
+        from ..families.offline import FAMILY_NAMES  # type: ignore[import-not-found]
+    except ImportError:
+        return False
+    return name in FAMILY_NAMES
+
+
+@click.command("convert")
+@click.argument("src")
+@click.argument("dst")
+@click.option("--to", "fmt", type=click.Choice(["kohya", "peft"]), required=True, help="Output naming convention.")
+@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default=None, help="Cast float tensors.")
+@click.option("--model", default=None, help="Diffusers folder or 'tiny': resolves kohya names for --to peft.")
+def convert_cmd(src: str, dst: str, fmt: str, dtype: str | None, model: str | None) -> None:
+    """Rewrite a LoRA in kohya/A1111/ComfyUI or diffusers/PEFT naming (atomic; never over the input).
+
+    \b
+        lorakit convert style.safetensors style-peft.safetensors --to peft --model ./my-sd15
+        lorakit convert style-peft.safetensors style-kohya.safetensors --to kohya --dtype fp16
+    """
+    from .. import load, save
+
+    lora = load(src)
+    target = _model(model) if model else None
+    out = save(lora, dst, fmt, dtype=dtype, model=target)
+    problems = lora.report.problems()
+    click.echo(f"wrote {out} ({fmt}, {len(lora)} layers)")
+    if problems:
+        click.echo(f"{len(problems)} keys of {src} were not loaded and are not in the output: "
+                   + ", ".join(sorted(problems)[:10]), err=True)
