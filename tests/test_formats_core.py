@@ -74,7 +74,7 @@ def _kohya_file():
 
 def _same(a: lorakit.LoRA, b: lorakit.LoRA) -> None:
     assert len(a) == len(b)
-    by_path = {(l.component, l.path.replace(".", "_")): l for l in b}
+    by_path = {(ly.component, ly.path.replace(".", "_")): ly for ly in b}
     for layer in a:
         other = by_path[(layer.component, layer.path.replace(".", "_"))]
         assert layer.kinds == other.kinds
@@ -116,7 +116,7 @@ def test_peft_round_trip_is_exact(tmp_path):
     src = tmp_path / "p.safetensors"
     save_file(state, str(src), metadata=meta)
     lora = lorakit.load(src, strict=True)
-    scales = {l.path: l.weight.scale for l in lora}
+    scales = {ly.path: ly.weight.scale for ly in lora}
     assert scales == {"down.0.to_q": 2.0, "down.0.to_k": 0.5, "layers.0.q_proj": 1.0}
     out = lorakit.save(lora, tmp_path / "p2.safetensors", format="peft")
     again = lorakit.load(out, strict=True)

@@ -67,11 +67,10 @@ def _inputs():
     return torch.randn(1, 4, 8, 8, generator=g), torch.tensor([10]), torch.randn(1, 5, 16, generator=g)
 
 
-@pytest.mark.parametrize("use_dora", [False, True])
-@pytest.mark.parametrize("strength", [1.0, 0.6])
+# DoRA is compared at s = 1 only: for s != 1 lorakit applies W + s(W' - W) (linear in s, s = 0 exact)
+# while PEFT scales the delta inside the norm; the two definitions agree at s = 1.
+@pytest.mark.parametrize("use_dora, strength", [(False, 1.0), (False, 0.6), (True, 1.0)])
 def test_peft_file_fused_matches_diffusers(tmp_path, use_dora, strength):
-    if use_dora and strength != 1.0:
-        pytest.skip("DoRA strength semantics differ by design for s != 1 (lorakit: linear in s)")
     path = _peft_file(tmp_path, use_dora=use_dora, alpha_pattern={"down_blocks.0.attentions.0.proj_in": 2})
     base = _unet()
     ours = copy.deepcopy(base)

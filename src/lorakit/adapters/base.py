@@ -53,7 +53,12 @@ class WeightAdapter:
                 value = _alpha_value(value, name)
             kwargs[field] = value
         obj = cls(**kwargs)
-        obj.validate(name)
+        try:
+            obj.validate(name)
+        except (IndexError, RuntimeError, TypeError) as exc:
+            # shape checks index into dims a malformed file may not have: report it as a format problem
+            shapes = {f: tuple(t.shape) for f, t in obj.tensors().items()}
+            raise FormatError(f"{name}: tensor shapes {shapes} do not form a {cls.kind} adapter ({exc})") from exc
         return obj
 
     def validate(self, name: str) -> None:
@@ -111,7 +116,11 @@ class WeightAdapter:
 
     def delta_weight(self, shape: torch.Size | tuple[int, ...] | None = None) -> torch.Tensor:
         """``ΔW`` in fp32 with ``alpha/rank`` applied, reshaped to ``shape`` when given."""
-        delta = self.natural_delta()
+        try:
+            delta = self.natural_delta()
+        except (IndexError, RuntimeError) as exc:
+            shapes = {f: tuple(t.shape) for f, t in self.tensors().items()}
+            raise ShapeMismatchError(f"{self.kind} factors {shapes} cannot be combined: {exc}") from exc
         if shape is None:
             return delta
         return reshape_delta(delta, shape, self.kind)
