@@ -148,3 +148,32 @@ def test_diffusers_path_load_ignores_alpha(tmp_path):
     lora = lorakit.load(path)
     assert {layer.weight.scale for layer in lora} == {2.0}
     assert theirs.peft_config["a"].lora_alpha == theirs.peft_config["a"].r  # the quirk, documented
+
+
+def test_diffusers_convert_state_dict_to_kohya_output_is_fully_placed(tmp_path):
+    """diffusers' kohya export writes DoRA magnitudes as ``..._attn1.to_q.lora_magnitude_vector`` (not renamed,
+    path half flattened: FORMATS.md §9.1). lorakit places every key and keeps the DoRA delta."""
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+
+    unet = _unet()
+    cfg = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k"], init_lora_weights=False, use_dora=True)
+    unet.add_adapter(cfg)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.copy_(p.abs() + 0.3)
+    peft_state = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()}
+    kohya_state = convert_state_dict_to_kohya(peft_state)
+    assert any(".to_q.lora_magnitude_vector" in k for k in kohya_state)  # the peer's misnaming is still there
+    lora = lorakit.load(kohya_state, strict=True)
+    assert lora.report.ok and set(lora.report.consumed) == set(kohya_state)
+    assert lora.adapter_types()["dora"] == lora.adapter_types()["lora"] == len(lora) > 0
+    ours = copy.deepcopy(_unet())
+    peer = copy.deepcopy(unet)
+    peer.fuse_lora()
+    lorakit.apply(ours, [(lora, 1.0)], strict=True)
+    for key, value in ours.state_dict().items():
+        if "attn1.to_q.weight" in key or "attn2.to_k.weight" in key:
+            theirs = peer.state_dict()[key.replace(".weight", ".base_layer.weight")]
+            torch.testing.assert_close(value, theirs, rtol=1e-5, atol=2e-6)
+            assert not torch.equal(value, _unet().state_dict()[key])

@@ -22,6 +22,7 @@ __all__ = [
     "SAFETENSORS_SUFFIXES",
     "atomic_output",
     "check_not_input",
+    "parse_lora_spec",
     "read_metadata",
     "read_tensors",
     "resolve_source",
@@ -33,6 +34,18 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 
 # org/repo/path/inside/repo.safetensors, optionally with @revision after the repo.
 _HUB_REF = re.compile(r"^(?P<org>[\w.-]+)/(?P<repo>[\w.-]+)(@(?P<rev>[\w./-]+?))?/(?P<file>.+\.\w+)$")
+
+
+def parse_lora_spec(spec: str) -> tuple[str, float]:
+    """``"style.safetensors:0.8"`` -> ``("style.safetensors", 0.8)``. The tail counts as a strength only if it
+    parses as a number (``C:\\x`` stays a path); no strength means 1."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return spec, 1.0
 
 
 def resolve_source(source: str | os.PathLike[str]) -> Path:

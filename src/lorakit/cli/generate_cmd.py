@@ -12,18 +12,9 @@ from typing import Any
 
 import click
 
+from ..io import parse_lora_spec  # re-exported: the CLI and the library share one parser
+
 __all__ = ["generate_cmd", "parse_lora_spec"]
-
-
-def parse_lora_spec(spec: str) -> tuple[str, float]:
-    """``path[:strength]``; the tail counts as a strength only if it parses as a number (``C:\\x`` is a path)."""
-    head, sep, tail = spec.rpartition(":")
-    if sep and head:
-        try:
-            return head, float(tail)
-        except ValueError:
-            pass
-    return spec, 1.0
 
 
 def _read_job(path: str) -> dict[str, Any]:

@@ -53,6 +53,17 @@ def _split_prefix(name: str) -> tuple[str | None, str, bool, str]:
     return None, _normalise_path(stripped), False, "native" if stripped != name else "plain"
 
 
+_FLAT_PREFIXES = tuple(p.text for p in PREFIXES if p.flat)
+
+
+def _flatten_kohya_stem(name: str) -> str:
+    """Kohya module names have no dots; diffusers' ``convert_state_dict_to_kohya`` leaves some in DoRA keys
+    (``lora_unet_..._attn1.to_q.lora_magnitude_vector``). Flatten so the key joins its layer."""
+    if "." in name and name.startswith(_FLAT_PREFIXES):
+        return name.replace(".", "_")
+    return name
+
+
 def _normalise_path(path: str) -> str:
     # Old diffusers attention processors: "...attn1.processor.to_out" is the module "...attn1.to_out.0".
     if ".processor." in path:
@@ -140,6 +151,7 @@ def parse_state_dict(
             report.unknown.append(key)
             continue
         name, field, conv = parts
+        name = _flatten_kohya_stem(name)
         if field in groups[name]:
             # e.g. "x.lora_A.weight" and "x.lora_A.default.weight" both present
             report.invalid[key] = f"duplicate {field} for module {name}"

@@ -15,7 +15,11 @@ from pathlib import Path
 import torch
 
 from ..errors import MatchError, OverwriteError, ShapeMismatchError
-from ..io import atomic_output, check_not_input
+from ..io import (
+    atomic_output,
+    check_not_input,
+    parse_lora_spec,  # re-exported: the CLI and the library share one parser
+)
 from ..model import LoRA
 from .common import (
     ST_NAMES,
@@ -33,17 +37,6 @@ from .common import (
 )
 
 __all__ = ["merge", "parse_lora_spec"]
-
-
-def parse_lora_spec(spec: str) -> tuple[str, float]:
-    """``"style.safetensors:0.8"`` -> ``("style.safetensors", 0.8)``; no or non-numeric suffix -> strength 1."""
-    head, sep, tail = spec.rpartition(":")
-    if sep and head:
-        try:
-            return head, float(tail)
-        except ValueError:
-            pass
-    return spec, 1.0
 
 
 def _delta_numel(layer) -> int | None:
