@@ -16,7 +16,7 @@ import torch
 __all__ = ["load_pipeline", "tiny_pipeline"]
 
 TINY_UNET: dict[str, Any] = {
-    "sample_size": 8,
+    "sample_size": 32,  # with the 2x VAE: 64x64 images by default
     "in_channels": 4,
     "out_channels": 4,
     "layers_per_block": 1,
