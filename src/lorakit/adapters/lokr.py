@@ -83,4 +83,5 @@ class LoKrWeights(WeightAdapter):
         w1, w2 = self.w1(), self.w2()
         while w1.dim() < w2.dim():
             w1 = w1.unsqueeze(-1)
-        return torch.kron(w1, w2) * self.scale
+        # kron views its inputs: the Tucker einsum's output is not contiguous
+        return torch.kron(w1.contiguous(), w2.contiguous()) * self.scale

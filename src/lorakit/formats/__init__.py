@@ -3,7 +3,7 @@
 Conventions are data (``conventions.py``: prefixes and suffixes); ``reader.py`` groups keys generically.
 """
 
-from .reader import load, parse_state_dict, split_key
+from .reader import detect_format, load, parse_state_dict, split_key
 from .writer import save, to_state_dict
 
-__all__ = ["load", "parse_state_dict", "save", "split_key", "to_state_dict"]
+__all__ = ["detect_format", "load", "parse_state_dict", "save", "split_key", "to_state_dict"]

@@ -7,19 +7,20 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections import Counter, defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 
 from ..adapters import DoRA, adapter_for_fields
-from ..errors import FormatError, LorakitError, NonFiniteError, UnknownFormatError
+from ..errors import FormatError, LorakitError, NonFiniteError, UnknownFormatError, UnsupportedAdapterError
 from ..io import read_tensors, resolve_source
 from ..model import Layer, LoadReport, LoRA
 from .conventions import PREFIXES, SUFFIXES, UNSUPPORTED_SUFFIXES, WRAPPERS
 
-__all__ = ["load", "parse_state_dict", "split_key"]
+__all__ = ["detect_format", "load", "parse_state_dict", "split_key"]
 
 _COMPONENT_PEFT_NAMES = {
     "unet": "denoiser",
@@ -50,7 +51,8 @@ def _split_prefix(name: str) -> tuple[str | None, str, bool, str]:
         if stripped.startswith(prefix.text) and len(stripped) > len(prefix.text):
             path = stripped[len(prefix.text):]
             return prefix.component, _normalise_path(path), prefix.flat, prefix.convention
-    return None, _normalise_path(stripped), False, "native" if stripped != name else "plain"
+    # PEFT's model wrapper with no component prefix: a PEFT save of a bare model
+    return None, _normalise_path(stripped), False, "peft" if stripped != name else "plain"
 
 
 _FLAT_PREFIXES = tuple(p.text for p in PREFIXES if p.flat)
@@ -94,16 +96,32 @@ def _peft_config(metadata: Mapping[str, str]) -> dict[str | None, dict]:
     return dict(out)
 
 
+def _pattern_matches(pattern: str, path: str) -> bool:
+    # PEFT's get_pattern_key: a pattern is a regex matched against the end of the module name at a dot.
+    try:
+        return re.match(rf"(.*\.)?({pattern})$", path) is not None
+    except re.error:
+        return path == pattern or path.endswith("." + pattern)
+
+
 def _peft_alpha(cfg: dict | None, path: str, rank: int) -> float | None:
+    """The alpha PEFT would use for module ``path`` (first matching ``alpha_pattern`` wins, as in PEFT),
+    expressed so that ``scale = alpha / rank`` holds for lorakit; ``None`` when the config has none."""
     if not cfg:
         return None
     alpha = cfg.get("lora_alpha")
-    for pattern, value in (cfg.get("alpha_pattern") or {}).items():
-        if path == pattern or path.endswith("." + pattern) or pattern.endswith(path):
-            alpha = value
+    patterns = cfg.get("alpha_pattern") or {}
+    if isinstance(patterns, Mapping):
+        for pattern, value in patterns.items():
+            if _pattern_matches(str(pattern), path):
+                alpha = value
+                break
     if alpha is None:
         return None
-    alpha = float(alpha)
+    try:
+        alpha = float(alpha)
+    except (TypeError, ValueError):
+        raise FormatError(f"lora_adapter_metadata: lora_alpha for {path} is {alpha!r}, not a number") from None
     if cfg.get("use_rslora"):
         # PEFT rsLoRA scales by alpha/sqrt(r); expressed as alpha'/r with alpha' = alpha*sqrt(r).
         alpha = alpha * math.sqrt(rank)
@@ -123,7 +141,6 @@ def parse_state_dict(
     where = f" in {source}" if source else ""
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     group_keys: dict[str, list[str]] = defaultdict(list)
-    suffix_conv: Counter[str] = Counter()
     unsupported_stems: dict[str, str] = {}
 
     for key in tensors:
@@ -143,14 +160,14 @@ def parse_state_dict(
         stem = next((s for s in unsupported_stems if key.startswith(s + ".")), None)
         if stem is not None:
             report.unsupported[key] = (
-                f"{unsupported_stems[stem]}: recognised but not supported by lorakit yet"
+                f"{unsupported_stems[stem]} is recognised but not supported yet"
             )
             continue
         parts = split_key(key)
         if parts is None:
             report.unknown.append(key)
             continue
-        name, field, conv = parts
+        name, field, _conv = parts
         name = _flatten_kohya_stem(name)
         if field in groups[name]:
             # e.g. "x.lora_A.weight" and "x.lora_A.default.weight" both present
@@ -158,15 +175,13 @@ def parse_state_dict(
             continue
         groups[name][field] = value
         group_keys[name].append(key)
-        suffix_conv[conv] += 1
 
     peft_cfg = _peft_config(metadata)
     layers: dict[str, Layer] = {}
-    prefix_conv: Counter[str] = Counter()
     for name, fields in groups.items():
         keys = tuple(sorted(group_keys[name]))
         try:
-            layer, pconv = _build_layer(name, fields, keys, peft_cfg)
+            layer = _build_layer(name, fields, keys, peft_cfg)
         except LorakitError as exc:
             if strict:
                 raise type(exc)(f"{exc}{where}") from exc
@@ -174,16 +189,20 @@ def parse_state_dict(
                 report.invalid[key] = str(exc)
             continue
         layers[name] = layer
-        prefix_conv[pconv] += 1
         for key in keys:
             report.consumed[key] = name
 
     if not layers:
         sample = ", ".join(sorted(map(str, tensors))[:5])
-        problems = report.problems()
-        if problems and strict is False and (report.invalid or report.unsupported):
-            first = next(iter(problems.items()))
+        if report.invalid:
+            first = next(iter(sorted(report.invalid.items())))
             raise FormatError(f"No layer of{where or ' the file'} could be loaded; first problem: {first[0]}: {first[1]}")
+        if report.unsupported:
+            kinds = sorted({reason.split(" is recognised")[0] for reason in report.unsupported.values()})
+            raise UnsupportedAdapterError(
+                f"Nothing{where} can be loaded: {', '.join(kinds)} adapters are recognised but not supported yet "
+                f"(e.g. {next(iter(sorted(report.unsupported)))}). Convert the file to LoRA/LoHa/LoKr with its trainer."
+            )
         raise UnknownFormatError(
             f"No LoRA layer recognised{where} (keys: {sample}{', ...' if len(tensors) > 5 else ''}). "
             "Supported: kohya lora_down/lora_up, PEFT lora_A/lora_B, LyCORIS hada_/lokr_/diff, ..."
@@ -191,11 +210,11 @@ def parse_state_dict(
     if strict and not report.ok:
         raise FormatError(f"{len(report.problems())} keys{where} were not loaded: " + "; ".join(
             f"{k}: {v}" for k, v in list(report.problems().items())[:10]))
-    return LoRA(layers, metadata, _format_name(prefix_conv, suffix_conv), source, report)
+    return LoRA(layers, metadata, detect_format(report.consumed), source, report)
 
 
-def _build_layer(name: str, fields: dict[str, torch.Tensor], keys: tuple[str, ...], peft_cfg) -> tuple[Layer, str]:
-    component, path, flat, pconv = _split_prefix(name)
+def _build_layer(name: str, fields: dict[str, torch.Tensor], keys: tuple[str, ...], peft_cfg: dict) -> Layer:
+    component, path, flat, _ = _split_prefix(name)
     main = {f: t for f, t in fields.items() if f not in _SIDE_FIELDS or f == "alpha"}
     weight = None
     adapter_fields = {f for f in main if f != "alpha"}
@@ -233,27 +252,71 @@ def _build_layer(name: str, fields: dict[str, torch.Tensor], keys: tuple[str, ..
         name=name, component=component, path=path, flat=flat, weight=weight, bias=bias, dora=dora,
         params=params, keys=keys, bias_key=bias_key,
     )
-    return layer, pconv
+    return layer
 
 
-def _format_name(prefix_conv: Counter[str], suffix_conv: Counter[str]) -> str:
-    """A readable name for the dominant convention (the per-key conventions can mix)."""
-    top_prefix = prefix_conv.most_common(1)[0][0] if prefix_conv else "plain"
-    if top_prefix in ("kohya", "onetrainer", "lycoris"):
-        lycoris_only = suffix_conv.get("lycoris") and not suffix_conv.get("kohya")
-        return "lycoris" if lycoris_only else top_prefix
-    for conv in ("xlabs", "diffusers-old"):
-        if suffix_conv.get(conv):
-            return conv
-    if suffix_conv.get("lightx2v"):
-        return "lightx2v"
-    if suffix_conv.get("peft"):
-        return "peft"
-    if suffix_conv.get("diffusers"):
-        return "diffusers"
-    if suffix_conv.get("lycoris"):
-        return "lycoris"
-    return top_prefix if top_prefix != "plain" else "kohya"
+# Fields that do not tell conventions apart (kohya, LyCORIS and diffusers' kohya export all use them).
+_NEUTRAL_FIELDS = {"alpha", "dora_scale", "magnitude"}
+_PAIR_CONVENTIONS = {"kohya", "peft", "diffusers", "diffusers-old", "xlabs"}
+# Conventions that legitimately appear together in one file, and the name the file gets.
+_COMPATIBLE = {
+    frozenset({"peft", "diffusers"}): "diffusers",  # diffusers: lora.down for the UNet, lora_linear_layer for the TE
+    frozenset({"kohya", "lycoris"}): "lycoris",  # LyCORIS: LoCon beside LoHa/LoKr under lora_unet_
+    frozenset({"kohya", "onetrainer"}): "onetrainer",  # OneTrainer: lora_te1_ text encoders, lora_transformer_
+}
+
+
+def _group_convention(prefix_conv: str, suffix_convs: set[str], fields: set[str]) -> tuple[str, bool]:
+    """``(convention, strong)`` of one module's keys; ``strong`` when a low-rank pair spelling says it."""
+    pair = suffix_convs & _PAIR_CONVENTIONS
+    flat = prefix_conv in ("kohya", "onetrainer", "lycoris")
+    if pair:
+        spelling = sorted(pair)[0] if len(pair) == 1 else "mixed"
+        if spelling in ("kohya", "peft") and flat:
+            return prefix_conv, True
+        if spelling == "kohya":
+            return "native", True  # lora_down on dotted model names: ComfyUI / LightX2V / musubi files
+        if spelling == "peft" and prefix_conv == "native":
+            return "native", True
+        return spelling, True
+    if flat:
+        return ("lycoris" if prefix_conv == "kohya" else prefix_conv), False
+    # full-weight / bias / modulation diffs on native names are LightX2V's (Wan distill) files
+    if fields <= {"diff", "diff_b", "diff_m"} and prefix_conv in ("native", "plain"):
+        return "lightx2v", False
+    return "lycoris", False
+
+
+def detect_format(keys: Iterable[str]) -> str:
+    """The naming convention of a file from its keys alone: ``kohya``, ``peft``, ``diffusers``, ``diffusers-old``,
+    ``lycoris``, ``onetrainer``, ``native``, ``lightx2v``, ``xlabs``, ``mixed`` or ``unknown``."""
+    suffixes: dict[str, set[str]] = defaultdict(set)
+    fields: dict[str, set[str]] = defaultdict(set)
+    for key in keys:
+        parts = split_key(key) if isinstance(key, str) else None
+        if parts is None:
+            continue
+        name, field, conv = parts
+        stem = _flatten_kohya_stem(name)
+        if field not in _NEUTRAL_FIELDS:
+            suffixes[stem].add(conv)
+            fields[stem].add(field)
+    strong: Counter[str] = Counter()
+    weak: Counter[str] = Counter()
+    for name, convs in suffixes.items():
+        if not convs:
+            continue  # alpha/dora_scale alone: says nothing
+        convention, is_strong = _group_convention(_split_prefix(name)[3], convs, fields[name])
+        (strong if is_strong else weak)[convention] += 1
+    votes = set(strong) or set(weak)
+    if not votes:
+        return "unknown"
+    if len(votes) == 1:
+        only = next(iter(votes))
+        if only == "native" and "lightx2v" in weak:
+            return "lightx2v"
+        return only
+    return _COMPATIBLE.get(frozenset(votes), "mixed")
 
 
 def load(source: str | os.PathLike[str] | Mapping[str, torch.Tensor] | LoRA, *, strict: bool = False) -> LoRA:

@@ -42,10 +42,17 @@ _PEFT_FIELDS = {"down": "lora_A.weight", "up": "lora_B.weight", "up_bias": "lora
 _NATIVE_PREFIXES = ("diffusion_model.", "model.diffusion_model.", "text_encoders.")
 
 
+# Diffusers-named transformer layers (FLUX/SD3 ``transformer.`` files) go under OneTrainer's
+# ``lora_transformer_``: ComfyUI reads that as diffusers names, while its ``lora_unet_`` means BFL/MMDiT names.
+_TRANSFORMER_STARTS = ("transformer.", "base_model.model.transformer.", "lora_transformer_")
+
+
 def _kohya_name(layer: Layer, single_te: bool) -> str:
     if layer.component is None or layer.name.startswith(_NATIVE_PREFIXES):
         return layer.name
     prefix = KOHYA_PREFIX[layer.component]
+    if layer.component == "denoiser" and layer.name.startswith(_TRANSFORMER_STARTS):
+        prefix = "lora_transformer_"
     if layer.component == "text_encoder" and single_te:
         prefix = "lora_te_"
     return prefix + layer.path.replace(".", "_")
@@ -167,7 +174,7 @@ def _dotted_names(lora: LoRA, model: object | None) -> dict[str, str]:
     for layer in lora:
         # a layer with no component (a plain state dict) keeps its bare module path
         comp_prefix = "" if layer.component is None else PEFT_PREFIX[layer.component]
-        if layer.component == "denoiser" and _is_transformer(model, lora):
+        if layer.component == "denoiser" and _denoiser_is_transformer(layer, model):
             comp_prefix = "transformer."
         path = layer.path
         if layer.flat:
@@ -182,11 +189,19 @@ def _dotted_names(lora: LoRA, model: object | None) -> dict[str, str]:
     return out
 
 
-def _is_transformer(model: object | None, lora: LoRA) -> bool:
-    comps = getattr(model, "components", None)
+def _denoiser_is_transformer(layer: Layer, model: object | None) -> bool:
+    """Whether the PEFT prefix of a denoiser layer is ``transformer.`` rather than ``unet.``: the model says
+    so when given, else the file's own prefix does (a ``transformer.`` file stays one)."""
+    if model is None:
+        return layer.name.startswith(_TRANSFORMER_STARTS)
+    comps = model if isinstance(model, Mapping) else getattr(model, "components", None)
     if isinstance(comps, Mapping):
-        return "transformer" in comps and comps.get("transformer") is not None
-    return type(model).__name__.endswith("Transformer2DModel") or "Transformer" in type(model).__name__
+        if comps.get("transformer") is not None:
+            return True
+        if comps.get("unet") is not None:
+            return False
+        model = comps.get("denoiser")
+    return "Transformer" in type(model).__name__
 
 
 def _resolver_for(model: object | None, lora: LoRA):
