@@ -1,11 +1,16 @@
-"""Model families: extra names for the modules of FLUX.1 and other models (see base.py).
+"""Model families: extra names for the modules of SDXL, SD3, FLUX.1, Wan and Cosmos (see base.py).
 
 Importing this package registers the built-in families.
 """
 
 from collections.abc import Iterable
 
-from . import flux as _flux  # noqa: F401  (registers the family)
+# importing each module registers its family
+from . import cosmos as _cosmos  # noqa: F401
+from . import flux as _flux  # noqa: F401
+from . import sd3 as _sd3  # noqa: F401
+from . import sdxl as _sdxl  # noqa: F401
+from . import wan as _wan  # noqa: F401
 from .base import FAMILIES, Family, NameIndex, Target, build_index, register_family
 
 __all__ = ["FAMILIES", "Family", "NameIndex", "Target", "build_index", "detect_family", "register_family"]

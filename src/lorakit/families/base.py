@@ -77,9 +77,17 @@ class Family:
     def matches_file(self, paths: Iterable[str]) -> float:
         return 0.0
 
-    def aliases(self, component: str, module: nn.Module) -> Iterable[tuple[str, Target | list[Target]]]:
-        """Extra ``(alias, target(s))`` pairs for ``module`` (a component of this family)."""
+    def aliases(self, component: str, module: nn.Module) -> Iterable[tuple]:
+        """Extra ``(alias, target(s))`` pairs for ``module`` (a component of this family). A generic name
+        (the model's own module path) wins over an alias unless the pair is ``(alias, target(s), True)``:
+        e.g. Wan's ``blocks.N`` must carry ``param_map`` (``modulation`` -> ``scale_shift_table``)."""
         return ()
+
+    def notes(self, component: str, module: nn.Module, touched: set[str], paths: list[str]) -> list[str]:
+        """Human-readable remarks for an apply report: ``touched`` are the module names of ``module`` that
+        received a delta, ``paths`` the file's layer paths (e.g. Wan: a T2V LoRA on an I2V model leaves the
+        image cross-attention without a LoRA)."""
+        return []
 
 
 FAMILIES: list[Family] = []
@@ -112,9 +120,10 @@ def build_index(components: Mapping[str, nn.Module], families: Iterable[Family] 
             if family.matches_model(component, root):
                 if family.name not in index.families:
                     index.families.append(family.name)
-                for alias, targets in family.aliases(component, root):
-                    index.add(component, alias, targets)
+                for alias, targets, *override in family.aliases(component, root):
+                    force = bool(override and override[0])
+                    index.add(component, alias, targets, override=force)
                     flat = alias.replace(".", "_")
                     if flat != alias:
-                        index.add(component, flat, targets)
+                        index.add(component, flat, targets, override=force)
     return index

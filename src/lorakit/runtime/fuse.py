@@ -15,7 +15,10 @@ from ..errors import NonFiniteError, ShapeMismatchError, UnsupportedAdapterError
 from ..families import Target
 from ..model import Layer
 
-__all__ = ["Contribution", "bias_delta", "fuse", "get_param", "low_rank_factors", "param_deltas", "row_piece", "weight_delta"]
+__all__ = [
+    "Contribution", "bias_delta", "fuse", "fused_base", "get_param", "low_rank_factors", "needs_fused_base",
+    "param_deltas", "row_piece", "weight_delta",
+]
 
 TRANSFORMS = ("swap_scale_shift",)
 
@@ -61,18 +64,53 @@ def _split_lora(layer: Layer, target: Target) -> LoRAWeights | None:
     return None
 
 
-def weight_delta(layer: Layer, target: Target, weight: torch.Tensor) -> torch.Tensor | None:
-    """fp32 delta (strength 1) for the rows of ``weight`` this target covers, shaped like them."""
+def needs_fused_base(layer: Layer, targets: list[Target]) -> bool:
+    """DoRA normalises the whole fused weight: a split/transformed DoRA layer needs it rebuilt first."""
+    return layer.dora is not None and any(t.src_rows is not None or t.transform is not None for t in targets)
+
+
+def fused_base(layer: Layer, targets: list[Target], weights: list[torch.Tensor]) -> torch.Tensor:
+    """The weight the file's (fused) layer was trained on, rebuilt in the file's row order from the model's
+    split modules: each target's rows (after undoing its row transform) at its ``src_rows``. The targets must
+    tile the rows ``0:n`` exactly; a DoRA norm over a partial weight would be silently wrong."""
+    pieces = []
+    for t, w in zip(targets, weights):
+        rows = _dst_view(w, t).detach().float()
+        if t.transform is not None:
+            rows = row_piece(rows, dataclasses.replace(t, src_rows=None))  # swap_scale_shift is its own inverse
+        start, stop = t.src_rows if t.src_rows is not None else (0, rows.shape[0])
+        if stop - start != rows.shape[0]:
+            raise ShapeMismatchError(f"{layer.name}: rows {start}:{stop} of the file layer do not fit {t.module} "
+                                     f"({rows.shape[0]} rows)")
+        pieces.append((start, stop, rows))
+    pieces.sort(key=lambda p: p[0])
+    expected = 0
+    for start, stop, _ in pieces:
+        if start != expected:
+            raise UnsupportedAdapterError(
+                f"{layer.name}: a DoRA layer over a fused projection needs every part of it in the model "
+                f"(rows {expected}:{start} have no module); convert the file to the model's own layout first"
+            )
+        expected = stop
+    return torch.cat([p[2] for p in pieces], dim=0)
+
+
+def weight_delta(layer: Layer, target: Target, weight: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor | None:
+    """fp32 delta (strength 1) for the rows of ``weight`` this target covers, shaped like them. ``base``: the
+    rebuilt fused weight (:func:`fused_base`) for a DoRA layer split over several modules."""
     if layer.weight is None:
         return None
     dst = _dst_view(weight, target)
     shape = tuple(dst.shape)
     if layer.dora is not None:
         if target.src_rows is not None or target.transform is not None:
-            raise UnsupportedAdapterError(
-                f"{layer.name}: a DoRA layer split over several modules (fused qkv) is not supported; "
-                "convert the file to the model's own layout first"
-            )
+            if base is None:
+                raise UnsupportedAdapterError(
+                    f"{layer.name}: a DoRA layer split over several modules needs the fused base weight "
+                    "(runtime.fuse.fused_base)"
+                )
+            full = layer.delta_weight(base=base)  # DoRA on the whole fused weight, in the file's row order
+            return reshape_delta(row_piece(full, target), shape, layer.weight.kind)
         return layer.delta_weight(base=dst.detach())
     split = _split_lora(layer, target)
     if split is not None:

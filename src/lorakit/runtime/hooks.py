@@ -46,8 +46,9 @@ def _check_low_rank(layer: Layer, lr: LoRAWeights, module: nn.Module, target: Ta
         )
 
 
-def make_branch(layer: Layer, target: Target, module: nn.Module) -> Branch:
-    """``h(x)`` for the rows of ``module``'s output this target covers (strength 1)."""
+def make_branch(layer: Layer, target: Target, module: nn.Module, base: torch.Tensor | None = None) -> Branch:
+    """``h(x)`` for the rows of ``module``'s output this target covers (strength 1); ``base``: the rebuilt
+    fused weight of a DoRA layer split over several modules (``fuse.fused_base``)."""
     if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
         raise UnsupportedAdapterError(
             f"{layer.name}: no unfused path for a {type(module).__name__} target ({target.module}); "
@@ -81,7 +82,7 @@ def make_branch(layer: Layer, target: Target, module: nn.Module) -> Branch:
     elif w is not None:
         # LoHa/LoKr/full/DoRA: the materialised delta (DoRA: ``W' − W`` against the weight at apply time),
         # cached per input dtype/device so each forward costs one extra GEMM/conv.
-        delta = weight_delta(layer, target, module.weight.detach())
+        delta = weight_delta(layer, target, module.weight.detach(), base)
         cache: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
         if target.dst_rows is not None and not groups_ok:
             raise UnsupportedAdapterError(f"{layer.name}: row-split delta on a grouped conv; use mode='fuse'")

@@ -17,7 +17,17 @@ from torch import nn
 from ..errors import LorakitError, MatchError, ShapeMismatchError, UnsupportedAdapterError
 from ..families import Target
 from ..model import Layer, LoRA
-from .fuse import Contribution, bias_delta, fuse, get_param, low_rank_factors, param_deltas, weight_delta
+from .fuse import (
+    Contribution,
+    bias_delta,
+    fuse,
+    fused_base,
+    get_param,
+    low_rank_factors,
+    needs_fused_base,
+    param_deltas,
+    weight_delta,
+)
 from .hooks import HookState, make_branch
 from .resolve import Resolver, components_of
 
@@ -45,6 +55,7 @@ class ApplyReport:
     untouched_modules: int = 0
     touched_tensors: int = 0
     families: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Per LoRA: matched / unmatched / shape-mismatched layer counts."""
@@ -71,6 +82,7 @@ class ApplyReport:
             "untouched_modules": self.untouched_modules,
             "touched_tensors": self.touched_tensors,
             "families": self.families,
+            "notes": self.notes,
         }
 
     def summary(self) -> str:
@@ -79,6 +91,7 @@ class ApplyReport:
             for label, c in self.counts().items()
         ]
         lines.append(f"{self.mode}: {self.touched_tensors} tensors patched, {self.untouched_modules} weighted modules untouched")
+        lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
     __str__ = summary
@@ -202,6 +215,7 @@ def _module(resolver: Resolver, target: Target) -> nn.Module:
 def _fuse_pieces(layer: Layer, targets: list[Target], resolver: Resolver) -> list[tuple[nn.Parameter, Contribution]]:
     """Every (parameter, delta) of one layer; raises ShapeMismatchError before anything is kept."""
     pieces: list[tuple[nn.Parameter, Contribution]] = []
+    base = _fused_base(layer, targets, resolver)
     for t in targets:
         module = _module(resolver, t)
         if layer.weight is not None:
@@ -212,7 +226,7 @@ def _fuse_pieces(layer: Layer, targets: list[Target], resolver: Resolver) -> lis
             if factors is not None:
                 pieces.append((w, Contribution(-1, layer.name, None, t.dst_rows, factors)))
             else:
-                pieces.append((w, Contribution(-1, layer.name, weight_delta(layer, t, w.data), t.dst_rows)))
+                pieces.append((w, Contribution(-1, layer.name, weight_delta(layer, t, w.data, base), t.dst_rows)))
         db = bias_delta(layer, t)
         if db is not None:
             b = get_param(module, "bias")
@@ -233,6 +247,39 @@ def _fuse_pieces(layer: Layer, targets: list[Target], resolver: Resolver) -> lis
         if tuple(c.delta.shape) != tuple(rows):
             raise ShapeMismatchError(f"delta of shape {tuple(c.delta.shape)} does not fit {tuple(rows)}")
     return pieces
+
+
+def _fused_base(layer: Layer, targets: list[Target], resolver: Resolver) -> torch.Tensor | None:
+    if layer.weight is None or not needs_fused_base(layer, targets):
+        return None
+    weights = []
+    for t in targets:
+        w = get_param(_module(resolver, t), "weight")
+        if w is None:
+            raise ShapeMismatchError(f"{t.module} has no weight for the {layer.weight.kind} delta")
+        weights.append(w.data)
+    return fused_base(layer, targets, weights)
+
+
+def family_notes(resolver: Resolver, report: ApplyReport, loras: list[LoRA]) -> list[str]:
+    """Each recognised family's remarks on what the LoRAs left out (e.g. Wan's image attention)."""
+    from ..families import FAMILIES
+
+    touched: dict[str, set[str]] = {}
+    for per_layer in report.matched.values():
+        for targets in per_layer.values():
+            for t in targets:
+                comp, _, mod = t.partition(":")
+                touched.setdefault(comp, set()).add(mod)
+    paths = [layer.path for lora in loras for layer in lora]
+    notes: list[str] = []
+    for family in FAMILIES:
+        if family.name not in resolver.index.families:
+            continue
+        for comp, root in resolver.components.items():
+            if family.matches_model(comp, root):
+                notes.extend(family.notes(comp, root, touched.get(comp, set()), paths))
+    return notes
 
 
 def _mismatch_message(report: ApplyReport) -> str:
@@ -277,7 +324,9 @@ def apply(
                 if mode == "fuse":
                     pieces = [] if strength == 0.0 else _fuse_pieces(layer, targets, resolver)
                 else:
-                    branches = [(t, _module(resolver, t), make_branch(layer, t, _module(resolver, t))) for t in targets]
+                    base = _fused_base(layer, targets, resolver)
+                    branches = [(t, _module(resolver, t), make_branch(layer, t, _module(resolver, t), base))
+                                for t in targets]
             except ShapeMismatchError as exc:
                 report.shape_mismatches[label][layer.name] = str(exc)
                 continue
@@ -328,6 +377,7 @@ def apply(
         for m in root.modules()
         if isinstance(getattr(m, "weight", None), torch.Tensor) and id(m) not in touched
     )
+    report.notes = family_notes(resolver, report, [lora for lora, _ in items])
     skipped = unmatched + [f"{k} (shape mismatch)" for k in sorted(
         f"{label}: {name}" for label, d in report.shape_mismatches.items() for name in d)]
     if skipped:

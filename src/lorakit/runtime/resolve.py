@@ -113,6 +113,12 @@ class Resolver:
         self.components = dict(components)
         self.index: NameIndex = build_index(self.components)
         self.bare = len(self.components) == 1
+        # kohya numbers text encoders by model (FLUX: lora_te1_ = CLIP-L, lora_te3_ = T5), while a FLUX
+        # pipeline holds T5 as text_encoder_2: a file's third encoder lands there when that one is a T5.
+        self.remap: dict[str, str] = {}
+        te2 = self.components.get("text_encoder_2")
+        if "text_encoder_3" not in self.components and te2 is not None and type(te2).__name__.startswith(("T5", "UMT5")):
+            self.remap["text_encoder_3"] = "text_encoder_2"
 
     def lookup(self, layer: Layer) -> list[Target] | None:
         if GENERIC in self.components:
@@ -123,9 +129,10 @@ class Resolver:
                     return hit
             return None
         if layer.component is not None:
-            if layer.component in self.components:
+            component = self.remap.get(layer.component, layer.component)
+            if component in self.components:
                 for alias in _candidates(layer.path, layer.component):
-                    hit = self.index.lookup(layer.component, alias)
+                    hit = self.index.lookup(component, alias)
                     if hit:
                         return hit
             if not self.bare:

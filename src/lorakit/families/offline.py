@@ -1,0 +1,167 @@
+"""Module lists without weights: each family's real diffusers models built on the ``meta`` device from their
+published configs, so that ``convert``, ``merge`` and ``inspect --model FAMILY`` resolve names (and check
+shapes) without loading or downloading a checkpoint. Building takes seconds and no memory.
+
+The configs are the released models' ``config.json`` values (sizes only; nothing here is a weight).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..errors import LorakitError
+
+__all__ = ["FAMILY_NAMES", "VARIANTS", "meta_components", "variant_for"]
+
+
+class UnknownFamilyError(LorakitError, KeyError):
+    """A family/variant name that :func:`meta_components` does not know."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+# -- text encoders (transformers configs) -------------------------------------------------------------------
+
+def _clip(hidden: int, layers: int, heads: int, inter: int, projection: int | None, with_projection: bool) -> nn.Module:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                         intermediate_size=inter, projection_dim=projection or hidden, max_position_embeddings=77,
+                         hidden_act="quick_gelu" if hidden == 768 else "gelu", vocab_size=49408)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(cfg)
+
+
+def _clip_l(with_projection: bool = False) -> nn.Module:
+    return _clip(768, 12, 12, 3072, 768, with_projection)
+
+
+def _clip_h() -> nn.Module:  # SD 2.x OpenCLIP ViT-H (penultimate layer kept: 23 layers)
+    return _clip(1024, 23, 16, 4096, 512, False)
+
+
+def _clip_bigg() -> nn.Module:  # SDXL / SD3 OpenCLIP ViT-bigG
+    return _clip(1280, 32, 20, 5120, 1280, True)
+
+
+def _t5_xxl() -> nn.Module:
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_heads=64,
+                                   feed_forward_proj="gated-gelu", vocab_size=32128, relative_attention_num_buckets=32))
+
+
+# -- denoisers -------------------------------------------------------------------------------------------
+
+def _unet(**config) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel(**config)
+    return build
+
+
+def _dit(cls_name: str, **config) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import diffusers
+
+        return getattr(diffusers, cls_name)(**config)
+    return build
+
+
+_SDXL_UNET = dict(
+    sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+_SD3 = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64,
+            joint_attention_dim=4096, pooled_projection_dim=2048)
+_WAN = dict(patch_size=(1, 2, 2), attention_head_dim=128, text_dim=4096, freq_dim=256, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", eps=1e-6)
+_COSMOS2 = dict(in_channels=16, out_channels=16, attention_head_dim=128, mlp_ratio=4.0, text_embed_dim=1024,
+                adaln_lora_dim=256, max_size=(128, 240, 240), patch_size=(1, 2, 2), concat_padding_mask=True,
+                extra_pos_embed_type=None)
+
+#: variant -> {component: builder}; the pipeline's text encoders under lorakit's canonical component names
+VARIANTS: dict[str, dict[str, Callable[[], nn.Module]]] = {
+    "sd15": {"denoiser": _unet(), "text_encoder": _clip_l},
+    "sd2": {"denoiser": _unet(sample_size=96, attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
+                              use_linear_projection=True), "text_encoder": _clip_h},
+    "sdxl": {"denoiser": _unet(**_SDXL_UNET), "text_encoder": _clip_l,
+             "text_encoder_2": _clip_bigg},
+    "sd3-medium": {"denoiser": _dit("SD3Transformer2DModel", **_SD3, num_layers=24, num_attention_heads=24,
+                                    caption_projection_dim=1536, pos_embed_max_size=192),
+                   "text_encoder": functools.partial(_clip_l, True), "text_encoder_2": _clip_bigg,
+                   "text_encoder_3": _t5_xxl},
+    "sd3.5-medium": {"denoiser": _dit("SD3Transformer2DModel", **_SD3, num_layers=24, num_attention_heads=24,
+                                      caption_projection_dim=1536, pos_embed_max_size=384, qk_norm="rms_norm",
+                                      dual_attention_layers=tuple(range(13))),
+                     "text_encoder": functools.partial(_clip_l, True), "text_encoder_2": _clip_bigg,
+                     "text_encoder_3": _t5_xxl},
+    "sd3.5-large": {"denoiser": _dit("SD3Transformer2DModel", **_SD3, num_layers=38, num_attention_heads=38,
+                                     caption_projection_dim=2432, pos_embed_max_size=192, qk_norm="rms_norm"),
+                    "text_encoder": functools.partial(_clip_l, True), "text_encoder_2": _clip_bigg,
+                    "text_encoder_3": _t5_xxl},
+    # FLUX pipelines: text_encoder = CLIP-L, text_encoder_2 = T5-XXL
+    "flux1-dev": {"denoiser": _dit("FluxTransformer2DModel", guidance_embeds=True), "text_encoder": _clip_l,
+                  "text_encoder_2": _t5_xxl},
+    "flux1-schnell": {"denoiser": _dit("FluxTransformer2DModel", guidance_embeds=False), "text_encoder": _clip_l,
+                      "text_encoder_2": _t5_xxl},
+    "wan2.1-t2v-1.3b": {"denoiser": _dit("WanTransformer3DModel", **_WAN, num_attention_heads=12, ffn_dim=8960,
+                                         num_layers=30, in_channels=16, out_channels=16)},
+    "wan2.1-t2v-14b": {"denoiser": _dit("WanTransformer3DModel", **_WAN, num_attention_heads=40, ffn_dim=13824,
+                                        num_layers=40, in_channels=16, out_channels=16)},
+    "wan2.1-i2v-14b": {"denoiser": _dit("WanTransformer3DModel", **_WAN, num_attention_heads=40, ffn_dim=13824,
+                                        num_layers=40, in_channels=36, out_channels=16, image_dim=1280,
+                                        added_kv_proj_dim=5120)},
+    "wan2.2-ti2v-5b": {"denoiser": _dit("WanTransformer3DModel", **_WAN, num_attention_heads=24, ffn_dim=14336,
+                                        num_layers=30, in_channels=48, out_channels=48)},
+    "cosmos-predict2-2b": {"denoiser": _dit("CosmosTransformer3DModel", **_COSMOS2, num_attention_heads=16,
+                                            num_layers=28, rope_scale=(1.0, 4.0, 4.0))},
+    "cosmos-predict2-14b": {"denoiser": _dit("CosmosTransformer3DModel", **_COSMOS2, num_attention_heads=40,
+                                             num_layers=36, rope_scale=(1.0, 4.0, 4.0))},
+}
+# Wan 2.2 A14B experts have the 2.1 14B shapes
+VARIANTS["wan2.2-t2v-a14b"] = VARIANTS["wan2.1-t2v-14b"]
+VARIANTS["wan2.2-i2v-a14b"] = VARIANTS["wan2.1-i2v-14b"]
+
+#: family name (as :func:`lorakit.families.detect_family` returns it) -> default variant
+_FAMILY_DEFAULT = {
+    "sd1": "sd15", "sd15": "sd15", "sdxl": "sdxl", "sd3": "sd3-medium", "sd3.5": "sd3.5-large",
+    "flux1": "flux1-dev", "flux": "flux1-dev", "wan": "wan2.1-t2v-14b", "cosmos": "cosmos-predict2-2b",
+}
+
+#: every name ``meta_components`` accepts
+FAMILY_NAMES: tuple[str, ...] = tuple(sorted({*VARIANTS, *_FAMILY_DEFAULT}))
+
+
+def variant_for(name: str) -> str:
+    """The variant a family or variant name stands for (``"flux1"`` -> ``"flux1-dev"``)."""
+    key = name.strip().lower()
+    key = _FAMILY_DEFAULT.get(key, key)
+    if key not in VARIANTS:
+        raise UnknownFamilyError(
+            f"unknown model family {name!r}; known: {', '.join(FAMILY_NAMES)} (or pass a diffusers folder)"
+        )
+    return key
+
+
+@functools.lru_cache(maxsize=12)
+def _build(variant: str, component: str) -> nn.Module:
+    with torch.device("meta"):
+        return VARIANTS[variant][component]().eval()
+
+
+def meta_components(name: str, components: tuple[str, ...] | None = None) -> dict[str, nn.Module]:
+    """``{component: model}`` of a family/variant on the ``meta`` device (shapes, no data). Cached: treat the
+    modules as read-only. ``components`` keeps only those (e.g. ``("denoiser",)``)."""
+    variant = variant_for(name)
+    wanted = [c for c in VARIANTS[variant] if components is None or c in components]
+    return {c: _build(variant, c) for c in wanted}
