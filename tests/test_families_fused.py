@@ -180,3 +180,62 @@ def test_inspect_coverage_against_a_family_name(tmp_path):
     assert cov["matched"] == 2 and cov["unmatched"] == ["lora_unet_not_a_module"]
     assert "flux1" in cov["families"]
     assert cov["untouched_modules"] > 1000  # the rest of FLUX-dev (meta device, no weights loaded)
+
+
+def _kohya_flux(g, h=H, mlp=MLP, r=2):
+    state = {}
+    for stem, cols, rows in (("lora_unet_double_blocks_0_img_attn_qkv", h, 3 * h),
+                             ("lora_unet_single_blocks_0_linear1", h, 3 * h + mlp),
+                             ("lora_unet_final_layer_adaLN_modulation_1", h, 2 * h),
+                             ("lora_unet_double_blocks_0_img_mlp_0", h, mlp)):
+        state[f"{stem}.lora_down.weight"] = torch.randn(r, cols, generator=g) * 0.3
+        state[f"{stem}.lora_up.weight"] = torch.randn(rows, r, generator=g) * 0.3
+        state[f"{stem}.alpha"] = torch.tensor(1.0)
+    return state
+
+
+def test_convert_bfl_names_to_peft_splits_fused_layers_exactly(tmp_path):
+    g = torch.Generator().manual_seed(9)
+    src = _kohya_flux(g)
+    base = _flux()
+    out = lorakit.save(lorakit.load(src), tmp_path / "peft.safetensors", format="peft", model=base)
+    converted = lorakit.load(out, strict=True)
+    assert converted.format == "peft" and len(converted) == 3 + 4 + 1 + 1
+    assert {layer.path for layer in converted} >= {"transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.proj_mlp",
+                                                   "norm_out.linear", "transformer_blocks.0.ff.net.0.proj"}
+    direct, via_peft = copy.deepcopy(base), copy.deepcopy(base)
+    lorakit.apply(direct, (lorakit.load(src), 0.9), strict=True)
+    lorakit.apply(via_peft, (converted, 0.9), strict=True)
+    changed = 0
+    for key, value in direct.state_dict().items():
+        torch.testing.assert_close(via_peft.state_dict()[key], value, rtol=0, atol=1e-6, msg=key)
+        changed += not torch.equal(value, base.state_dict()[key])
+    assert changed == 3 + 4 + 1 + 1
+
+    # the peer reads lorakit's PEFT file and lands the same weights
+    from diffusers import FluxPipeline
+
+    peer = copy.deepcopy(base)
+    state, meta = FluxPipeline.lora_state_dict(str(out), return_lora_metadata=True)
+    peer.load_lora_adapter(state, prefix="transformer", adapter_name="x", metadata=meta)
+    peer.fuse_lora(lora_scale=0.9)
+    peer.unload_lora()
+    for key, value in direct.state_dict().items():
+        torch.testing.assert_close(peer.state_dict()[key], value, rtol=0, atol=1e-5, msg=key)
+
+
+def test_convert_without_a_model_uses_the_family_meta_model(tmp_path):
+    # FLUX-dev sizes (3072 wide) at rank 1: the split points come from the meta-device model
+    g = torch.Generator().manual_seed(10)
+    src = _kohya_flux(g, h=3072, mlp=12288, r=1)
+    out = lorakit.save(lorakit.load(src), tmp_path / "peft.safetensors", format="peft")
+    from safetensors.torch import load_file
+
+    got = load_file(out)
+    up = src["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"]
+    assert torch.equal(got["transformer.transformer_blocks.0.attn.to_k.lora_B.weight"], up[3072:6144])
+    assert torch.equal(got["transformer.transformer_blocks.0.attn.to_k.lora_A.weight"],
+                       src["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"])
+    ada = src["lora_unet_final_layer_adaLN_modulation_1.lora_up.weight"]
+    assert torch.equal(got["transformer.norm_out.linear.lora_B.weight"], torch.cat([ada[3072:], ada[:3072]]))
+    assert len([k for k in got if k.endswith("lora_A.weight")]) == 3 + 4 + 1 + 1

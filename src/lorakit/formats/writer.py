@@ -109,6 +109,7 @@ def to_state_dict(
             raise UnsupportedAdapterError(
                 f"{layer.name}: PEFT LoRA files cannot express {kinds}; save with format='kohya' instead."
             )
+    lora = _in_model_layout(lora, model)
     names = _dotted_names(lora, model)
     alphas: dict[str, float] = {}
     ranks: dict[str, int] = {}
@@ -136,7 +137,8 @@ def to_state_dict(
         ranks[full] = w.rank
         targets.add(path.rsplit(".", 1)[-1])
     if alphas:
-        comp_of = {names[ly.name]: (PEFT_PREFIX[ly.component][:-1] if ly.component else None) for ly in lora}
+        # the config is keyed by the prefix the file really uses ("unet" or "transformer" for the denoiser)
+        comp_of = {names[ly.name]: (names[ly.name].split(".", 1)[0] if ly.component else None) for ly in lora}
         cfg: dict[str, object] = {}
         for comp in dict.fromkeys(comp_of.values()):
             keys = [k for k in alphas if comp_of[k] == comp]
@@ -202,6 +204,32 @@ def _denoiser_is_transformer(layer: Layer, model: object | None) -> bool:
             return False
         model = comps.get("denoiser")
     return "Transformer" in type(model).__name__
+
+
+def _in_model_layout(lora: LoRA, model: object | None) -> LoRA:
+    """PEFT files name the model's own modules: resolve the file's names (trainer/original namespaces, fused
+    projections) against the model, or against the detected family's meta-device model when none is given."""
+    family = None
+    if model is None:
+        from ..families import detect_family
+
+        family = detect_family(lora)
+        if family is None:
+            return lora  # no family namespace to translate; flat names are resolved by _dotted_names
+    from ..families.layout import to_model_layout
+    from ..runtime.resolve import Resolver, components_of
+
+    if model is not None:
+        comps = components_of(model)
+    else:
+        from ..families.offline import meta_components
+
+        wanted = tuple({layer.component for layer in lora if layer.component} | {"denoiser"})
+        comps = meta_components(family, wanted)
+    denoiser = comps.get("denoiser")
+    prefix = "unet." if denoiser is not None and "UNet" in type(denoiser).__name__ else "transformer."
+    moved, _unmatched = to_model_layout(lora, Resolver(comps), denoiser_prefix=prefix)
+    return moved
 
 
 def _resolver_for(model: object | None, lora: LoRA):

@@ -1,0 +1,91 @@
+"""Rewrite a LoRA into a model's own module layout (offline, exact): every layer resolved by the model's alias
+index is renamed to the module it lands on, and a layer on a fused projection (BFL ``img_attn.qkv``, SD3
+``x_block.attn.qkv``) becomes one layer per split module.
+
+Exactness: a plain LoRA splits as (shared ``down``, rows of ``up``); a row transform (``swap_scale_shift``)
+permutes ``up``'s rows. Other adapter types on a split (LoHa, LoKr, full diffs) become the exact rows of
+their full delta (a ``diff``). DoRA on a split needs the base weights and is refused here (apply or merge it
+against the real weights instead).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..adapters import FullDiff, LoRAWeights
+from ..errors import UnsupportedAdapterError
+from ..model import Layer, LoRA
+from .base import Target
+
+__all__ = ["to_model_layout"]
+
+_PREFIX = {"text_encoder": "text_encoder.", "text_encoder_2": "text_encoder_2.", "text_encoder_3": "text_encoder_3."}
+
+
+def _rows(t: torch.Tensor, target: Target) -> torch.Tensor:
+    from ..runtime.fuse import row_piece
+
+    return row_piece(t, target)
+
+
+def _split_weight(layer: Layer, target: Target):
+    w = layer.weight
+    if w is None:
+        return None
+    if target.src_rows is None and target.transform is None:
+        return w
+    if layer.dora is not None:
+        raise UnsupportedAdapterError(
+            f"{layer.name}: a DoRA layer on a fused projection can only be split against the base weights; "
+            "apply it to the model (lorakit.apply) or merge it into the checkpoint instead of converting"
+        )
+    if isinstance(w, LoRAWeights) and w.mid is None:
+        up_bias = None if w.up_bias is None else _rows(w.up_bias, target)
+        return dataclasses.replace(w, up=_rows(w.up, target), up_bias=up_bias)
+    full = w.natural_delta()
+    return FullDiff(diff=_rows(full, target).contiguous())
+
+
+def _moved(layer: Layer, target: Target, denoiser_prefix: str) -> Layer:
+    if target.dst_rows is not None:
+        raise UnsupportedAdapterError(
+            f"{layer.name}: lands on rows {target.dst_rows} of {target.module} (a fused module of the model); "
+            "a LoRA file cannot address part of a module — merge it into the checkpoint instead"
+        )
+    renames = dict(target.param_map)
+    bias = None if layer.bias is None else _rows(layer.bias, target)
+    prefix = denoiser_prefix if target.component == "denoiser" else _PREFIX.get(target.component, "")
+    return dataclasses.replace(
+        layer,
+        name=prefix + target.module,
+        component=target.component if target.component in ("denoiser", *_PREFIX) else layer.component,
+        path=target.module,
+        flat=False,
+        weight=_split_weight(layer, target),
+        bias=bias,
+        params={renames.get(k, k): v for k, v in layer.params.items()},
+    )
+
+
+def to_model_layout(lora: LoRA, resolver, *, denoiser_prefix: str = "transformer.") -> tuple[LoRA, list[str]]:
+    """``(LoRA in the model's module names, names of the layers that matched nothing and were kept as-is)``.
+    ``resolver``: a :class:`lorakit.runtime.resolve.Resolver` over the model (or its meta-device copy)."""
+    layers: dict[str, Layer] = {}
+    unmatched: list[str] = []
+    for layer in lora:
+        targets = resolver.lookup(layer)
+        if not targets:
+            unmatched.append(layer.name)
+            layers[layer.name] = layer
+            continue
+        for target in targets:
+            moved = _moved(layer, target, denoiser_prefix)
+            if moved.name in layers:
+                raise UnsupportedAdapterError(
+                    f"{layer.name} and another layer both land on {moved.name}; merge them into one LoRA first "
+                    "(lorakit compose)"
+                )
+            layers[moved.name] = moved
+    return dataclasses.replace(lora, layers=layers), unmatched
