@@ -30,7 +30,6 @@ from .common import (
     TensorInfo,
     check_finite,
     load_lora,
-    match_or_raise,
     parse_dtype,
     read_st_header,
     shape_numel,
@@ -54,51 +53,120 @@ def _delta_numel(layer) -> int | None:
 
 
 # key -> list of (strength, layer, what) where what is "weight", "bias" or a param name
-Plan = dict[tuple[str | None, str], list[tuple[float, object, str]]]
+Plan = dict[tuple[str | None, str], list[tuple[float, object, str, object]]]
+
+
+def _rows_fit(layer, target, info: TensorInfo) -> str | None:
+    """Why a routed delta does not fit its checkpoint tensor rows (None when it does)."""
+    w = layer.weight
+    if w is None:
+        return None
+    rows_src = (target.src_rows[1] - target.src_rows[0]) if target.src_rows else w.out_features()
+    rows_dst = (target.dst_rows[1] - target.dst_rows[0]) if target.dst_rows else info.shape[0]
+    numel = _delta_numel(layer)
+    cols = shape_numel(info.shape[1:])
+    if rows_src != rows_dst or (numel is not None and numel != w.out_features() * cols):
+        return (f"layer {layer.name} gives {rows_src} rows of {numel // max(1, w.out_features()) if numel else '?'} "
+                f"values for {rows_dst} rows of {info.ref} {info.shape}")
+    return None
 
 
 def plan_merge(ckpt: Checkpoint, loras: Sequence[tuple[LoRA, float]], strict: bool = False) -> tuple[Plan, list[dict]]:
-    """Resolve every LoRA layer to checkpoint tensors and check shapes, before any output is written."""
+    """Resolve every LoRA layer to checkpoint tensors and check shapes, before any output is written. Names
+    the checkpoint does not have are routed through the model family (fused/split projections, original vs
+    diffusers names: :mod:`lorakit.ops.routing`)."""
     index = ModuleIndex(ckpt)
     plan: Plan = {}
     report = []
+    router = None
+    router_done = False
     for lora, strength in loras:
         label = lora.source or "LoRA"
-        matches, unmatched = match_or_raise(lora, index, label)
+        matches: dict[str, tuple[str | None, str]] = {}
+        routed: dict[str, list] = {}
+        unmatched: list[str] = []
+        for layer in lora:
+            hit = index.resolve(layer)
+            if hit is not None:
+                matches[layer.name] = hit
+                continue
+            if not router_done:
+                from .routing import router_for
+
+                router, router_done = router_for(ckpt, index, [lo for lo, _ in loras]), True
+            targets = router.route(layer) if router is not None else None
+            if targets:
+                routed[layer.name] = targets
+            else:
+                unmatched.append(layer.name)
+        unmatched.sort()
+        if not matches and not routed:
+            some = ", ".join(unmatched[:3])
+            raise MatchError(
+                f"{label}: none of its {len(lora)} layers matches a module of {ckpt.path} (e.g. {some}). "
+                "Is it a LoRA for another model family, or does the checkpoint use another naming scheme?"
+            )
         if strict and unmatched:
             raise MatchError(f"{label}: {len(unmatched)} layers match no module of {ckpt.path}: {', '.join(unmatched[:10])}")
         for layer in lora:
-            hit = matches.get(layer.name)
-            if hit is None:
-                continue
-            params = index.params[hit]
-            wanted = []
-            if layer.weight is not None:
-                wanted.append(("weight", _delta_numel(layer)))
-            if layer.delta_bias() is not None:
-                wanted.append(("bias", layer.delta_bias().numel()))
-            for p, t in layer.params.items():
-                wanted.append((p, t.numel()))
-            for what, numel in wanted:
-                info = params.get(what)
-                if info is None:
-                    raise ShapeMismatchError(
-                        f"{label}: layer {layer.name} has a {what} delta but {ckpt.path} has no tensor "
-                        f"{hit[1]}.{what}; the LoRA does not fit this checkpoint."
-                    )
-                if numel is not None and numel != shape_numel(info.shape):
-                    raise ShapeMismatchError(
-                        f"{label}: layer {layer.name} gives a delta of {numel} elements for {info.ref} of shape "
-                        f"{info.shape}; the LoRA was trained for another model (or model size)."
-                    )
-                plan.setdefault((info.component, info.key), []).append((strength, layer, what))
-        report.append({"lora": label, "strength": strength, "matched": len(matches), "unmatched": unmatched})
+            hits = [(matches[layer.name], None)] if layer.name in matches else [
+                ((t.component, t.module), t) for t in routed.get(layer.name, ())]
+            for hit, target in hits:
+                params = index.params[hit]
+                wanted = []
+                if layer.weight is not None:
+                    wanted.append(("weight", _delta_numel(layer)))
+                if layer.delta_bias() is not None:
+                    wanted.append(("bias", layer.delta_bias().numel()))
+                renames = dict(target.param_map) if target is not None else {}
+                for p, t in layer.params.items():
+                    wanted.append((renames.get(p, p), t.numel()))
+                for what, numel in wanted:
+                    info = params.get(what)
+                    if info is None:
+                        raise ShapeMismatchError(
+                            f"{label}: layer {layer.name} has a {what} delta but {ckpt.path} has no tensor "
+                            f"{hit[1]}.{what}; the LoRA does not fit this checkpoint."
+                        )
+                    if target is not None and what == "weight":
+                        if layer.dora is not None and (target.src_rows or target.transform):
+                            raise ShapeMismatchError(
+                                f"{label}: {layer.name} is a DoRA layer on a fused projection that the checkpoint "
+                                f"stores split ({info.ref}); merge it into a checkpoint with the fused layout, or "
+                                "apply it to the loaded model with lorakit.apply"
+                            )
+                        why = _rows_fit(layer, target, info)
+                        if why:
+                            raise ShapeMismatchError(f"{label}: {why}; the LoRA was trained for another model size.")
+                    elif target is None and numel is not None and numel != shape_numel(info.shape):
+                        raise ShapeMismatchError(
+                            f"{label}: layer {layer.name} gives a delta of {numel} elements for {info.ref} of shape "
+                            f"{info.shape}; the LoRA was trained for another model (or model size)."
+                        )
+                    plan.setdefault((info.component, info.key), []).append((strength, layer, what, target))
+        report.append({"lora": label, "strength": strength, "matched": len(matches) + len(routed),
+                       "routed": len(routed), "family": router.family if router is not None and routed else None,
+                       "unmatched": unmatched})
     return plan, report
 
 
 def _patched(w: torch.Tensor, ops: list, info: TensorInfo, out_dtype: torch.dtype) -> torch.Tensor:
-    acc = w.float()
-    for strength, layer, what in ops:
+    from ..runtime.fuse import bias_delta, weight_delta
+
+    acc = w.to(torch.float32, copy=True)  # never write into the tensor read (a loaded .pt keeps it)
+    for strength, layer, what, target in ops:
+        if target is not None:
+            # routed: rows `src_rows` of the layer's delta (row order fixed by `transform`) onto rows `dst_rows`
+            if what == "weight":
+                delta = weight_delta(layer, target, w)
+            elif what == "bias":
+                delta = bias_delta(layer, target)
+            else:
+                inverse = {b: a for a, b in target.param_map}
+                delta = layer.params[inverse.get(what, what)].float()
+            view = acc if target.dst_rows is None or what not in ("weight", "bias") else acc[target.dst_rows[0]:target.dst_rows[1]]
+            view += strength * delta.reshape(view.shape)
+            continue
         if what == "weight":
             delta = layer.delta_weight(base=w) if layer.dora is not None else layer.delta_weight(shape=tuple(w.shape))
         elif what == "bias":
