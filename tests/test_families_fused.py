@@ -179,7 +179,10 @@ def test_inspect_coverage_against_a_family_name(tmp_path):
     cov = info["coverage"]
     assert cov["matched"] == 2 and cov["unmatched"] == ["lora_unet_not_a_module"]
     assert "flux1" in cov["families"]
-    assert cov["untouched_modules"] > 1000  # the rest of FLUX-dev (meta device, no weights loaded)
+    assert cov["touched_modules"] == 3 + 4  # fused qkv and linear1 land on their split modules
+    # the rest of FLUX-dev's weighted modules (meta device, no weights loaded; no text encoder built)
+    assert set(cov["weighted_modules"]) == {"denoiser"} and cov["weighted_modules"]["denoiser"] > 600
+    assert cov["untouched_modules"] == cov["weighted_modules"]["denoiser"] - 7
 
 
 def _kohya_flux(g, h=H, mlp=MLP, r=2):
@@ -239,3 +242,26 @@ def test_convert_without_a_model_uses_the_family_meta_model(tmp_path):
     ada = src["lora_unet_final_layer_adaLN_modulation_1.lora_up.weight"]
     assert torch.equal(got["transformer.norm_out.linear.lora_B.weight"], torch.cat([ada[3072:], ada[:3072]]))
     assert len([k for k in got if k.endswith("lora_A.weight")]) == 3 + 4 + 1 + 1
+
+
+def test_cli_inspect_json_has_family_and_coverage(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from lorakit.cli import cli as main
+
+    g = torch.Generator().manual_seed(11)
+    save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.randn(2, 3072, generator=g),
+               "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.randn(9216, 2, generator=g),
+               "lora_unet_single_blocks_0_linear1.lora_down.weight": torch.randn(2, 3072, generator=g),
+               "lora_unet_single_blocks_0_linear1.lora_up.weight": torch.randn(21504, 2, generator=g)},
+              tmp_path / "f.safetensors")
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "f.safetensors"), "--json", "--model", "flux1"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["family"] == "flux1"
+    assert info["coverage"]["matched"] == 2 and info["coverage"]["unmatched"] == []
+    bad = CliRunner().invoke(main, ["inspect", str(tmp_path / "f.safetensors"), "--model", "sdxl", "--json"])
+    assert bad.exit_code == 0 and json.loads(bad.output)["coverage"]["matched"] == 0  # a FLUX LoRA on SDXL: nothing

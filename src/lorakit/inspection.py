@@ -86,20 +86,32 @@ def _num(x: float) -> float | int:
 
 
 def _coverage(lora: LoRA, model: Any) -> dict[str, Any]:
+    """Matched / unmatched file layers and untouched weighted modules (per component) of ``model``."""
     from .runtime.resolve import Resolver, components_of
 
     if isinstance(model, str):
-        from .families.offline import meta_components  # type: ignore[import-not-found]
+        from .families.offline import meta_components
 
-        comps = meta_components(model)
+        # only the components the file has (building a meta T5 for a UNet-only LoRA costs seconds)
+        wanted = tuple({layer.component or "denoiser" for layer in lora} | {"denoiser"})
+        comps = meta_components(model, wanted)
     else:
         comps = components_of(model)
     resolver = Resolver(comps)
     res = resolver.resolve(lora)
     touched = {(t.component, t.module) for _, targets in res.matched for t in targets}
+    untouched: dict[str, int] = {}
+    weighted: dict[str, int] = {}
+    for comp, mods in resolver.index.modules.items():
+        names = [n for n, m in mods.items() if n and isinstance(getattr(m, "weight", None), torch.Tensor)]
+        weighted[comp] = len(names)
+        untouched[comp] = sum((comp, n) not in touched for n in names)
     return {
         "matched": len(res.matched),
         "unmatched": sorted(layer.name for layer in res.unmatched),
-        "untouched_modules": sum(len(m) for m in resolver.index.modules.values()) - len(touched),
+        "touched_modules": len(touched),
+        "weighted_modules": weighted,
+        "untouched_modules": sum(untouched.values()),
+        "untouched_by_component": untouched,
         "families": list(resolver.index.families),
     }
