@@ -50,13 +50,9 @@ def inspect(source: str | os.PathLike[str] | Mapping[str, torch.Tensor] | LoRA, 
     size = None
     if lora.source and Path(lora.source).exists():
         size = Path(lora.source).stat().st_size
-    family = None
-    try:
-        from .families import detect_family  # type: ignore[attr-defined]
-    except ImportError:
-        detect_family = None
-    if detect_family is not None:
-        family = detect_family(lora)
+    from .families import detect_family
+
+    family = detect_family(lora)
     info: dict[str, Any] = {
         "source": lora.source,
         "format": lora.format,

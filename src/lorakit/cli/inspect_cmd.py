@@ -79,11 +79,9 @@ def _model(model: str):
 
 
 def _is_family(name: str) -> bool:
-    try:
-        from ..families.offline import FAMILY_NAMES  # type: ignore[import-not-found]
-    except ImportError:
-        return False
-    return name in FAMILY_NAMES
+    from ..families.offline import FAMILY_NAMES
+
+    return name.lower() in FAMILY_NAMES
 
 
 @click.command("convert")

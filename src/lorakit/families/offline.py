@@ -155,8 +155,14 @@ def variant_for(name: str) -> str:
 
 @functools.lru_cache(maxsize=12)
 def _build(variant: str, component: str) -> nn.Module:
-    with torch.device("meta"):
-        return VARIANTS[variant][component]().eval()
+    try:
+        with torch.device("meta"):
+            return VARIANTS[variant][component]().eval()
+    except ImportError as exc:
+        raise ImportError(
+            f"building the {variant} module list needs diffusers and transformers ({exc}); "
+            "pip install 'lorakit[diffusers]'"
+        ) from exc
 
 
 def meta_components(name: str, components: tuple[str, ...] | None = None) -> dict[str, nn.Module]:

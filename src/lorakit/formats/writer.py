@@ -236,15 +236,11 @@ def _resolver_for(model: object | None, lora: LoRA):
     from ..runtime.resolve import Resolver, components_of
 
     if model is None:
-        try:
-            from ..families import detect_family  # type: ignore[attr-defined]
-            from ..families.offline import meta_components  # type: ignore[import-not-found]
-        except ImportError:
-            raise MatchError(
-                "converting flattened kohya names to PEFT needs the model they were trained for: pass model= "
-                "(lorakit convert --model DIR|tiny)"
-            ) from None
-        return Resolver(meta_components(detect_family(lora) or "sd15"))
+        from ..families import detect_family
+        from ..families.offline import meta_components
+
+        wanted = tuple({layer.component for layer in lora if layer.component} | {"denoiser"})
+        return Resolver(meta_components(detect_family(lora) or "sd15", wanted))
     return Resolver(components_of(model))
 
 
