@@ -1,1 +1,88 @@
-"""Placeholder: filled in by the sd3 family work."""
+"""SD3 / SD3.5 (MMDiT): the original checkpoint names (kohya ``lora_sd3.py`` ``lora_unet_joint_blocks_0_...``,
+ComfyUI ``diffusion_model.joint_blocks.0...``) onto diffusers' ``SD3Transformer2DModel``.
+
+Fused ``x_block.attn.qkv`` / ``context_block.attn.qkv`` / ``x_block.attn2.qkv`` split by rows onto
+``to_q/to_k/to_v`` / ``add_q_proj/add_k_proj/add_v_proj`` / ``attn2.to_*``. The last block's context
+modulation (2 chunks, stored (shift, scale)) and the final layer's are AdaLayerNormContinuous in diffusers
+((scale, shift)): swapped. Blocks, dual-attention blocks and qk norms are read from the model.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from torch import nn
+
+from .base import Family, Target, register_family
+from .flux import _rows
+
+__all__ = ["SD3"]
+
+_STREAM = {  # original stream -> (diffusers qkv modules, attention out, ff, modulation, qk norms)
+    "x_block": (("attn.to_q", "attn.to_k", "attn.to_v"), "attn.to_out.0", "ff", "norm1.linear",
+                ("attn.norm_q", "attn.norm_k")),
+    "context_block": (("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"), "attn.to_add_out", "ff_context",
+                      "norm1_context.linear", ("attn.norm_added_q", "attn.norm_added_k")),
+}
+_GLOBAL = (
+    ("x_embedder.proj", "pos_embed.proj"),
+    ("context_embedder", "context_embedder"),
+    ("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1"),
+    ("t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2"),
+    ("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1"),
+    ("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2"),
+    ("final_layer.linear", "proj_out"),
+)
+_FILE = re.compile(r"^(joint_blocks[._]\d+[._](x_block|context_block)|x_embedder|t_embedder|y_embedder|final_layer)")
+
+
+@register_family
+class SD3(Family):
+    name = "sd3"
+
+    def matches_model(self, component: str, module: nn.Module) -> bool:
+        return component == "denoiser" and type(module).__name__ == "SD3Transformer2DModel"
+
+    def matches_file(self, paths: Iterable[str]) -> float:
+        paths = list(paths)
+        hits = sum(bool(_FILE.match(p)) for p in paths)
+        # x_embedder / final_layer alone are FLUX-like too: ask for at least one MMDiT joint block
+        if not any(p.startswith("joint_blocks") for p in paths):
+            return 0.0
+        return hits / max(1, len(paths))
+
+    def aliases(self, component: str, module: nn.Module):
+        mods = dict(module.named_modules())
+        for i in range(len(getattr(module, "transformer_blocks", []))):
+            block = f"transformer_blocks.{i}"
+            for stream, (qkv, out, ff, mod, norms) in _STREAM.items():
+                orig = f"joint_blocks.{i}.{stream}"
+                if all(f"{block}.{q}" in mods for q in qkv):
+                    yield f"{orig}.attn.qkv", _rows(component, block, qkv, mods)
+                if f"{block}.{out}" in mods:
+                    yield f"{orig}.attn.proj", Target(component, f"{block}.{out}")
+                for fc, net in (("fc1", "net.0.proj"), ("fc2", "net.2")):
+                    if f"{block}.{ff}.{net}" in mods:
+                        yield f"{orig}.mlp.{fc}", Target(component, f"{block}.{ff}.{net}")
+                for ln, norm in zip(("ln_q", "ln_k"), norms):
+                    if f"{block}.{norm}" in mods:
+                        yield f"{orig}.attn.{ln}", Target(component, f"{block}.{norm}")
+                if f"{block}.{mod}" in mods:
+                    # a context-pre-only last block has AdaLayerNormContinuous (scale, shift) in diffusers
+                    swap = type(mods[f"{block}.{mod}".rsplit(".", 1)[0]]).__name__ == "AdaLayerNormContinuous"
+                    yield f"{orig}.adaLN_modulation.1", Target(component, f"{block}.{mod}",
+                                                               transform="swap_scale_shift" if swap else None)
+            x2 = ("attn2.to_q", "attn2.to_k", "attn2.to_v")
+            if all(f"{block}.{q}" in mods for q in x2):  # SD3.5 dual attention (MMDiT-X)
+                orig = f"joint_blocks.{i}.x_block.attn2"
+                yield f"{orig}.qkv", _rows(component, block, x2, mods)
+                yield f"{orig}.proj", Target(component, f"{block}.attn2.to_out.0")
+                for ln, norm in (("ln_q", "attn2.norm_q"), ("ln_k", "attn2.norm_k")):
+                    if f"{block}.{norm}" in mods:
+                        yield f"{orig}.{ln}", Target(component, f"{block}.{norm}")
+        for orig, diff in _GLOBAL:
+            if diff in mods:
+                yield orig, Target(component, diff)
+        if "norm_out.linear" in mods:
+            yield "final_layer.adaLN_modulation.1", Target(component, "norm_out.linear", transform="swap_scale_shift")

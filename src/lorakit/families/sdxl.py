@@ -1,1 +1,93 @@
-"""Placeholder: filled in by the sdxl family work."""
+"""SDXL (and every LDM/SGM UNet): the original ``input_blocks / middle_block / output_blocks`` names (kohya SDXL
+``lora_unet_input_blocks_4_1_...``, ComfyUI ``diffusion_model.input_blocks.4.1...``) onto diffusers'
+``UNet2DConditionModel``, derived from the model's own config (``layers_per_block``, which blocks have
+attentions, down/upsamplers), so SD 1.x/2.x UNets are covered by the same rules.
+
+The upsampler of an up block sits on its last output block at index 2 when that block has attentions, else 1.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from torch import nn
+
+from .base import Family, Target, register_family
+
+__all__ = ["SDXL"]
+
+_RESNET = (("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"),
+           ("out_layers.0", "norm2"), ("out_layers.3", "conv2"), ("skip_connection", "conv_shortcut"))
+_GLOBAL = (("time_embed.0", "time_embedding.linear_1"), ("time_embed.2", "time_embedding.linear_2"),
+           ("label_emb.0.0", "add_embedding.linear_1"), ("label_emb.0.2", "add_embedding.linear_2"),
+           ("input_blocks.0.0", "conv_in"), ("out.0", "conv_norm_out"), ("out.2", "conv_out"))
+_FILE = re.compile(r"^(input_blocks|middle_block|output_blocks|label_emb|time_embed)[._]\d")
+
+
+def _per_block(value, n: int) -> list[int]:
+    return list(value) if isinstance(value, (list, tuple)) else [int(value)] * n
+
+
+@register_family
+class SDXL(Family):
+    name = "sdxl"
+
+    def matches_model(self, component: str, module: nn.Module) -> bool:
+        return component == "denoiser" and type(module).__name__ == "UNet2DConditionModel"
+
+    def matches_file(self, paths: Iterable[str]) -> float:
+        paths = list(paths)
+        return sum(bool(_FILE.match(p)) for p in paths) / max(1, len(paths))
+
+    def module_map(self, module: nn.Module) -> list[tuple[str, str, str]]:
+        """``(original prefix, diffusers prefix, kind)`` for every block of the UNet; kind is ``resnet``,
+        ``attention``, ``sampler`` or ``plain``."""
+        mods = dict(module.named_modules())
+        down, up = list(module.down_blocks), list(module.up_blocks)
+        layers = _per_block(module.config.layers_per_block, len(down))
+        out: list[tuple[str, str, str]] = [(orig, diff, "plain") for orig, diff in _GLOBAL if diff in mods]
+        n = 1
+        for i, block in enumerate(down):
+            for j in range(layers[i]):
+                out.append((f"input_blocks.{n}.0", f"down_blocks.{i}.resnets.{j}", "resnet"))
+                if getattr(block, "attentions", None) is not None and j < len(block.attentions):
+                    out.append((f"input_blocks.{n}.1", f"down_blocks.{i}.attentions.{j}", "attention"))
+                n += 1
+            if getattr(block, "downsamplers", None):
+                out.append((f"input_blocks.{n}.0.op", f"down_blocks.{i}.downsamplers.0.conv", "sampler"))
+                n += 1
+        mid = module.mid_block
+        if mid is not None:
+            out.append(("middle_block.0", "mid_block.resnets.0", "resnet"))
+            if getattr(mid, "attentions", None):
+                out.append(("middle_block.1", "mid_block.attentions.0", "attention"))
+                out.append(("middle_block.2", "mid_block.resnets.1", "resnet"))
+            elif len(mid.resnets) > 1:
+                out.append(("middle_block.1", "mid_block.resnets.1", "resnet"))
+        m = 0
+        for i, block in enumerate(up):
+            has_attn = getattr(block, "attentions", None) is not None
+            for j in range(len(block.resnets)):
+                out.append((f"output_blocks.{m}.0", f"up_blocks.{i}.resnets.{j}", "resnet"))
+                if has_attn and j < len(block.attentions):
+                    out.append((f"output_blocks.{m}.1", f"up_blocks.{i}.attentions.{j}", "attention"))
+                if j == len(block.resnets) - 1 and getattr(block, "upsamplers", None):
+                    out.append((f"output_blocks.{m}.{2 if has_attn else 1}.conv", f"up_blocks.{i}.upsamplers.0.conv",
+                                "sampler"))
+                m += 1
+        return out
+
+    def aliases(self, component: str, module: nn.Module):
+        mods = dict(module.named_modules())
+        for orig, diff, kind in self.module_map(module):
+            yield orig, Target(component, diff)
+            if kind == "resnet":
+                for o, d in _RESNET:
+                    if f"{diff}.{d}" in mods:
+                        yield f"{orig}.{o}", Target(component, f"{diff}.{d}")
+            elif kind == "attention":
+                # inside a Transformer2DModel the names are the same in both namespaces
+                for name in mods:
+                    if name.startswith(diff + "."):
+                        yield orig + name[len(diff):], Target(component, name)
