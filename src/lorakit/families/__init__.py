@@ -17,10 +17,14 @@ __all__ = ["FAMILIES", "Family", "NameIndex", "Target", "build_index", "detect_f
 
 
 def detect_family(lora_or_paths: object) -> str | None:
-    """The registered family whose file patterns fit best (score > 0.5), or ``None``."""
+    """The registered family whose file patterns fit the denoiser layers best (score > 0.5), or ``None``."""
     paths: Iterable[str]
     layers = getattr(lora_or_paths, "layers", None)
-    paths = [layer.path for layer in layers.values()] if layers is not None else list(lora_or_paths)  # type: ignore[arg-type]
+    if layers is not None:
+        # the denoiser's names tell the family; text encoders (CLIP, T5) are shared between families
+        paths = [layer.path for layer in layers.values() if layer.component in (None, "denoiser")]
+    else:
+        paths = list(lora_or_paths)  # type: ignore[arg-type]
     best, score = None, 0.5
     for family in FAMILIES:
         s = family.matches_file(paths)
