@@ -158,3 +158,28 @@ def test_cosmos_1_names_and_net_prefix():
         "denoiser:transformer_blocks.0.attn1.to_q", "denoiser:transformer_blocks.0.attn2.to_v",
         "denoiser:transformer_blocks.1.ff.net.2"]
     assert sum(not torch.equal(v, model.state_dict()[k]) for k, v in ours.state_dict().items()) == 3
+
+
+def test_convert_sgm_kohya_to_peft_without_a_model(tmp_path):
+    # SDXL's released sizes come from the meta-device model; rank 1 keeps the file small
+    g = torch.Generator().manual_seed(8)
+    state = {}
+    for path, cols, rows in (("input_blocks.4.1.transformer_blocks.0.attn1.to_q", 640, 640), ("label_emb.0.0", 2816, 1280),
+                             ("output_blocks.2.2.conv", 1280 * 9, 1280)):
+        stem = "lora_unet_" + path.replace(".", "_")
+        down = torch.randn(1, cols, generator=g)
+        up = torch.randn(rows, 1, generator=g)
+        if path.endswith("conv"):
+            down, up = down.reshape(1, 1280, 3, 3), up.reshape(rows, 1, 1, 1)
+        state |= {f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up, f"{stem}.alpha": torch.tensor(1.0)}
+    src = lorakit.load(state)
+    assert detect_family(src) == "sdxl"
+    out = lorakit.save(src, tmp_path / "peft.safetensors", format="peft")
+    from safetensors.torch import load_file
+
+    got = load_file(out)
+    stems = {k.rsplit(".lora_", 1)[0] for k in got}
+    assert stems == {"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "unet.add_embedding.linear_1",
+                     "unet.up_blocks.0.upsamplers.0.conv"}
+    assert torch.equal(got["unet.up_blocks.0.upsamplers.0.conv.lora_A.weight"],
+                       state["lora_unet_output_blocks_2_2_conv.lora_down.weight"])
