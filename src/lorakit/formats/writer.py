@@ -113,12 +113,10 @@ def to_state_dict(
     names = _dotted_names(lora, model)
     alphas: dict[str, float] = {}
     ranks: dict[str, int] = {}
-    targets: set[str] = set()
     use_dora = lora_bias = False
     for layer in lora:
         w = layer.weight
         full = names[layer.name]
-        path = full.split(".", 1)[1] if layer.component is not None else full
         for field, t in w.tensors().items():
             put(f"{full}.{_PEFT_FIELDS[field]}", t)
         lora_bias |= w.up_bias is not None
@@ -135,7 +133,6 @@ def to_state_dict(
             use_dora = True
         alphas[full] = float(w.alpha) if w.alpha is not None else float(w.rank)
         ranks[full] = w.rank
-        targets.add(path.rsplit(".", 1)[-1])
     if alphas:
         # the config is keyed by the prefix the file really uses ("unet" or "transformer" for the denoiser)
         comp_of = {names[ly.name]: (names[ly.name].split(".", 1)[0] if ly.component else None) for ly in lora}
@@ -150,7 +147,9 @@ def to_state_dict(
                 "lora_alpha": a,
                 "rank_pattern": {local(k): ranks[k] for k in keys if ranks[k] != r},
                 "alpha_pattern": {local(k): alphas[k] for k in keys if alphas[k] != a},
-                "target_modules": sorted({k.rsplit(".", 1)[-1] for k in keys}),
+                # full module paths, as diffusers writes them: a bare "linear" would make PEFT wrap every
+                # module of that name, most of which this file has no weights for
+                "target_modules": sorted({local(k) for k in keys}),
                 "use_dora": use_dora,
                 "lora_bias": lora_bias,
             }
