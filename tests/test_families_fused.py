@@ -265,3 +265,28 @@ def test_cli_inspect_json_has_family_and_coverage(tmp_path):
     assert info["coverage"]["matched"] == 2 and info["coverage"]["unmatched"] == []
     bad = CliRunner().invoke(main, ["inspect", str(tmp_path / "f.safetensors"), "--model", "sdxl", "--json"])
     assert bad.exit_code == 0 and json.loads(bad.output)["coverage"]["matched"] == 0  # a FLUX LoRA on SDXL: nothing
+
+
+@pytest.mark.parametrize("kind", ["lokr", "loha"])
+def test_lokr_and_loha_on_fused_qkv_are_sliced_from_the_full_delta(kind):
+    # LoKr/LoHa do not split into per-row factors: the full fused delta is built, then cut by rows
+    g = torch.Generator().manual_seed(12)
+    stem = "lora_unet_double_blocks_0_img_attn_qkv"
+    if kind == "lokr":  # (3H x H) = kron([3, 2], [H, H/2])
+        w1, w2 = torch.randn(3, 2, generator=g), torch.randn(H, H // 2, generator=g) * 0.1
+        state = {f"{stem}.lokr_w1": w1, f"{stem}.lokr_w2": w2}
+        full = torch.kron(w1, w2)  # no alpha with full factors: scale 1
+    else:
+        a1, b1 = torch.randn(3 * H, 2, generator=g) * 0.3, torch.randn(2, H, generator=g) * 0.3
+        a2, b2 = torch.randn(3 * H, 2, generator=g) * 0.3, torch.randn(2, H, generator=g) * 0.3
+        state = {f"{stem}.hada_w1_a": a1, f"{stem}.hada_w1_b": b1, f"{stem}.hada_w2_a": a2, f"{stem}.hada_w2_b": b2,
+                 f"{stem}.alpha": torch.tensor(2.0)}
+        full = (a1 @ b1) * (a2 @ b2)  # alpha = rank: scale 1
+    base = _flux()
+    model = copy.deepcopy(base)
+    lorakit.apply(model, (lorakit.load(state, strict=True), 0.5), strict=True)
+    for i, name in enumerate(("to_q", "to_k", "to_v")):
+        key = f"transformer_blocks.0.attn.{name}.weight"
+        torch.testing.assert_close(model.state_dict()[key], base.state_dict()[key] + 0.5 * full[i * H:(i + 1) * H],
+                                   rtol=0, atol=1e-6)
+        assert not torch.equal(model.state_dict()[key], base.state_dict()[key])
