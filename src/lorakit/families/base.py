@@ -11,6 +11,7 @@ reverse). Aliases are derived from the model's structure, never from hard-coded 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterable, Mapping
 from typing import ClassVar
 
@@ -70,12 +71,20 @@ class Family:
     component; ``matches_file`` scores a file's layer paths for ``inspect`` (0 = not this family)."""
 
     name: ClassVar[str] = ""
+    #: the diffusers class of the family's denoiser (the default ``matches_model``)
+    model_class: ClassVar[str] = ""
+    #: the family's own layer paths, dotted or flattened (the default ``matches_file``)
+    file_pattern: ClassVar[re.Pattern[str] | None] = None
 
     def matches_model(self, component: str, module: nn.Module) -> bool:
-        return False
+        return bool(self.model_class) and component == "denoiser" and type(module).__name__ == self.model_class
 
     def matches_file(self, paths: Iterable[str]) -> float:
-        return 0.0
+        """The share of ``paths`` that ``file_pattern`` recognises."""
+        paths = list(paths)
+        if self.file_pattern is None or not paths:
+            return 0.0
+        return sum(bool(self.file_pattern.match(p)) for p in paths) / len(paths)
 
     def aliases(self, component: str, module: nn.Module) -> Iterable[tuple]:
         """Extra ``(alias, target(s))`` pairs for ``module`` (a component of this family). A generic name

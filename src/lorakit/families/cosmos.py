@@ -7,7 +7,6 @@ fused projection, same row order (diffusers' own single-file conversion is a ren
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 
 from torch import nn
 
@@ -55,12 +54,8 @@ _FILE = re.compile(
 class Cosmos(Family):
     name = "cosmos"
 
-    def matches_model(self, component: str, module: nn.Module) -> bool:
-        return component == "denoiser" and type(module).__name__ == "CosmosTransformer3DModel"
-
-    def matches_file(self, paths: Iterable[str]) -> float:
-        paths = list(paths)
-        return sum(bool(_FILE.match(p)) for p in paths) / max(1, len(paths))
+    model_class = "CosmosTransformer3DModel"
+    file_pattern = _FILE
 
     def aliases(self, component: str, module: nn.Module):
         mods = dict(module.named_modules())

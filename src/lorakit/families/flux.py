@@ -72,8 +72,7 @@ def _xlabs(name: str) -> tuple[str, ...]:
 class Flux(Family):
     name = "flux1"
 
-    def matches_model(self, component: str, module: nn.Module) -> bool:
-        return component == "denoiser" and type(module).__name__ == "FluxTransformer2DModel"
+    model_class = "FluxTransformer2DModel"
 
     def matches_file(self, paths: Iterable[str]) -> float:
         keys = ("double_blocks", "single_blocks", "single_transformer_blocks", "img_attn", "linear1")

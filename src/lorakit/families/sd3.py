@@ -41,16 +41,13 @@ _FILE = re.compile(r"^(joint_blocks[._]\d+[._](x_block|context_block)|x_embedder
 class SD3(Family):
     name = "sd3"
 
-    def matches_model(self, component: str, module: nn.Module) -> bool:
-        return component == "denoiser" and type(module).__name__ == "SD3Transformer2DModel"
+    model_class = "SD3Transformer2DModel"
+    file_pattern = _FILE
 
     def matches_file(self, paths: Iterable[str]) -> float:
         paths = list(paths)
-        hits = sum(bool(_FILE.match(p)) for p in paths)
         # x_embedder / final_layer alone are FLUX-like too: ask for at least one MMDiT joint block
-        if not any(p.startswith("joint_blocks") for p in paths):
-            return 0.0
-        return hits / max(1, len(paths))
+        return super().matches_file(paths) if any(p.startswith("joint_blocks") for p in paths) else 0.0
 
     def aliases(self, component: str, module: nn.Module):
         mods = dict(module.named_modules())

@@ -9,7 +9,6 @@ The upsampler of an up block sits on its last output block at index 2 when that 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 
 from torch import nn
 
@@ -33,12 +32,8 @@ def _per_block(value, n: int) -> list[int]:
 class SDXL(Family):
     name = "sdxl"
 
-    def matches_model(self, component: str, module: nn.Module) -> bool:
-        return component == "denoiser" and type(module).__name__ == "UNet2DConditionModel"
-
-    def matches_file(self, paths: Iterable[str]) -> float:
-        paths = list(paths)
-        return sum(bool(_FILE.match(p)) for p in paths) / max(1, len(paths))
+    model_class = "UNet2DConditionModel"
+    file_pattern = _FILE
 
     def module_map(self, module: nn.Module) -> list[tuple[str, str, str]]:
         """``(original prefix, diffusers prefix, kind)`` for every block of the UNet; kind is ``resnet``,

@@ -10,7 +10,6 @@ Wan's original block calls its cross-attention norm ``norm3``; diffusers calls i
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 
 from torch import nn
 
@@ -57,12 +56,8 @@ _IMAGE = ("k_img", "v_img", "add_k_proj", "add_v_proj", "img_emb", "image_embedd
 class Wan(Family):
     name = "wan"
 
-    def matches_model(self, component: str, module: nn.Module) -> bool:
-        return component == "denoiser" and type(module).__name__ == "WanTransformer3DModel"
-
-    def matches_file(self, paths: Iterable[str]) -> float:
-        paths = list(paths)
-        return sum(bool(_FILE.match(p)) for p in paths) / max(1, len(paths))
+    model_class = "WanTransformer3DModel"
+    file_pattern = _FILE
 
     def aliases(self, component: str, module: nn.Module):
         mods = dict(module.named_modules())
