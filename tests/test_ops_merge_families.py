@@ -87,3 +87,33 @@ def test_diffusers_lora_into_a_bfl_single_file(tmp_path):
                                (ada + torch.cat([dn[d:], dn[:d]])).half(), rtol=0, atol=0)
     for key in ("double_blocks.0.img_attn.qkv.bias", "double_blocks.0.img_attn.proj.weight"):
         assert torch.equal(out[key], ckpt[key])  # untouched tensors are copied bit for bit
+
+
+def test_diffusers_lora_into_an_sgm_single_file(tmp_path):
+    # an SDXL single file (model.diffusion_model. + SGM names, released sizes) and a diffusers-named LoRA
+    g = torch.Generator().manual_seed(3)
+    ckpt = {
+        "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight": torch.randn(640, 640, generator=g).half(),
+        "model.diffusion_model.label_emb.0.0.weight": torch.randn(1280, 2816, generator=g).half(),
+        "model.diffusion_model.output_blocks.5.0.skip_connection.weight": torch.randn(640, 1920, 1, 1, generator=g).half(),
+        "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.ones(768).half(),
+    }
+    save_file(ckpt, tmp_path / "sdxl.safetensors")
+    lora = {}
+    for name, cols, rows in (("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", 640, 640),
+                             ("add_embedding.linear_1", 2816, 1280)):
+        lora[f"unet.{name}.lora_A.weight"] = torch.randn(2, cols, generator=g)
+        lora[f"unet.{name}.lora_B.weight"] = torch.randn(rows, 2, generator=g) * 0.01
+    lora["unet.up_blocks.1.resnets.2.conv_shortcut.lora_A.weight"] = torch.randn(2, 1920, 1, 1, generator=g)
+    lora["unet.up_blocks.1.resnets.2.conv_shortcut.lora_B.weight"] = torch.randn(640, 2, 1, 1, generator=g) * 0.01
+    save_file(lora, tmp_path / "lora.safetensors")
+    result = merge(tmp_path / "sdxl.safetensors", [(tmp_path / "lora.safetensors", 1.0)], tmp_path / "out.safetensors")
+    assert result.summary["loras"][0]["routed"] == 3 and result.summary["loras"][0]["family"] == "sdxl"
+    out = load_file(tmp_path / "out.safetensors")
+    for sgm, diff in (("input_blocks.4.1.transformer_blocks.0.attn1.to_q", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"),
+                      ("label_emb.0.0", "add_embedding.linear_1"), ("output_blocks.5.0.skip_connection", "up_blocks.1.resnets.2.conv_shortcut")):
+        key = f"model.diffusion_model.{sgm}.weight"
+        a, b = lora[f"unet.{diff}.lora_A.weight"].flatten(1), lora[f"unet.{diff}.lora_B.weight"].flatten(1)
+        want = (ckpt[key].float() + (b @ a).reshape(ckpt[key].shape)).half()
+        torch.testing.assert_close(out[key], want, rtol=0, atol=0)
+        assert not torch.equal(out[key], ckpt[key])

@@ -9,7 +9,7 @@ import dataclasses
 
 from ..families import Target
 from ..model import Layer, LoRA
-from .common import Checkpoint, ModuleIndex
+from .common import _CKPT_PREFIXES, Checkpoint, ModuleIndex
 
 __all__ = ["FamilyRouter", "router_for"]
 
@@ -90,7 +90,12 @@ def router_for(ckpt: Checkpoint, index: ModuleIndex, loras: list[LoRA]) -> Famil
     from ..families.offline import FAMILY_NAMES, meta_components
     from ..runtime.resolve import Resolver
 
-    modules = [info.key.rsplit(".", 1)[0] for info in ckpt if info.component in (None, "denoiser")]
+    modules = []
+    for info in ckpt:
+        if info.component in (None, "denoiser"):
+            name = info.key.rsplit(".", 1)[0]
+            # single files prefix the denoiser (``model.diffusion_model.input_blocks...``): detect on the bare names
+            modules.append(next((name[len(p):] for p in _CKPT_PREFIXES if name.startswith(p)), name))
     family = detect_family(modules)
     for lora in loras:
         if family is not None:
