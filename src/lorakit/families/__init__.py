@@ -6,6 +6,7 @@ Importing this package registers the built-in families.
 from collections.abc import Iterable
 
 # importing each module registers its family
+from . import clip as _clip  # noqa: F401
 from . import cosmos as _cosmos  # noqa: F401
 from . import flux as _flux  # noqa: F401
 from . import sd3 as _sd3  # noqa: F401
