@@ -35,6 +35,9 @@ _GLOBAL = (
     ("final_layer.linear", "proj_out"),
 )
 _FILE = re.compile(r"^(joint_blocks[._]\d+[._](x_block|context_block)|x_embedder|t_embedder|y_embedder|final_layer)")
+# a joint block's index in original (joint_blocks) or diffusers (transformer_blocks) names, dotted or flattened
+_BLOCK = re.compile(r"(?:^|[._])(?:joint_blocks|transformer_blocks)[._](\d+)(?:[._]|$)")
+_QK_NORM = re.compile(r"(?:^|[._])(?:ln_q|ln_k|norm_q|norm_k|norm_added_q|norm_added_k)(?:[._]|$)")
 
 
 @register_family
@@ -83,3 +86,25 @@ class SD3(Family):
                 yield orig, Target(component, diff)
         if "norm_out.linear" in mods:
             yield "final_layer.adaLN_modulation.1", Target(component, "norm_out.linear", transform="swap_scale_shift")
+
+    def notes(self, component: str, module: nn.Module, touched: set[str], paths: list[str]) -> list[str]:
+        """Say which SD3 variant a LoRA's left-over layers belong to: deeper models (SD3.5 Large: 38 joint
+        blocks, SD3 / SD3.5 Medium: 24), dual attention (SD3.5 Medium ``x_block.attn2``), qk norms (SD3.5)."""
+        blocks = list(getattr(module, "transformer_blocks", []))
+        if not blocks:
+            return []
+        out = []
+        indices = {int(m.group(1)) for p in paths if (m := _BLOCK.search(p))}
+        if indices and max(indices) >= len(blocks):
+            out.append(f"the LoRA addresses joint block {max(indices)} but the model has {len(blocks)} "
+                       f"(0-{len(blocks) - 1}): a LoRA for a deeper SD3 variant (SD3.5 Large has 38 joint blocks, "
+                       "SD3 / SD3.5 Medium 24); its extra blocks get nothing")
+        dual = {i for i, b in enumerate(blocks) if getattr(b, "attn2", None) is not None}
+        wanted = sorted({int(m.group(1)) for p in paths if "attn2" in p and (m := _BLOCK.search(p))} - dual)
+        if wanted:
+            out.append(f"the LoRA has dual-attention layers (x_block.attn2, SD3.5 Medium) in joint block(s) "
+                       f"{', '.join(map(str, wanted))}, where the model has none: they get nothing")
+        if any(_QK_NORM.search(p) for p in paths) and getattr(blocks[0].attn, "norm_q", None) is None:
+            out.append("the LoRA changes qk norms (ln_q / ln_k, SD3.5) but the model has none (SD3 Medium): "
+                       "they get nothing")
+        return out
