@@ -1,6 +1,6 @@
-"""Wan 2.1 / 2.2: the original (ComfyUI / ai-toolkit / diffusion-pipe ``diffusion_model.blocks.0.self_attn.q``),
-musubi-tuner (``lora_unet_blocks_0_self_attn_q``, the same names flattened) and LightX2V distill names
-(``diff``, ``diff_b``, ``diff_m``) onto diffusers' ``WanTransformer3DModel``.
+"""Wan 2.1 / 2.2: the original (ComfyUI / ai-toolkit / diffusion-pipe ``diffusion_model.blocks.0.self_attn.q``,
+DiffSynth without a prefix), musubi-tuner (``lora_unet_blocks_0_self_attn_q``, the same names flattened) and
+LightX2V distill names (``diff``, ``diff_b``, ``diff_m``) onto diffusers' ``WanTransformer3DModel``.
 
 Wan's original block calls its cross-attention norm ``norm3``; diffusers calls it ``norm2``. The per-block
 ``modulation`` (LightX2V ``diff_m``) is diffusers' ``blocks.N.scale_shift_table``, in the same
@@ -10,6 +10,7 @@ Wan's original block calls its cross-attention norm ``norm3``; diffusers calls i
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from torch import nn
 
@@ -43,12 +44,14 @@ _GLOBAL = (
 _MODULATION = (("modulation", "scale_shift_table"),)
 # Wan's own names, dotted or flattened (musubi); Cosmos' ``self_attn.q_proj`` must not match
 _FILE = re.compile(
-    r"^(blocks[._]\d+([._](self_attn[._]([qkvo]|norm_[qk])|cross_attn[._]([qkvo]|k_img|v_img|norm_[qk]|norm_k_img)"
+    r"^_?(blocks[._]\d+([._](self_attn[._]([qkvo]|norm_[qk])|cross_attn[._]([qkvo]|k_img|v_img|norm_[qk]|norm_k_img)"
     r"|ffn[._][02]|norm3|modulation"  # original / musubi / LightX2V
     r"|attn[12][._](to_[qkv]|to_out[._]0|add_[kv]_proj)|ffn[._]net[._](0[._]proj|2)))?"  # diffusers
     r"|head([._]head|[._]modulation)?|time_projection[._]1|(text|time)_embedding[._][02]|img_emb[._]proj[._][0-4]"
     r"|patch_embedding)$"
 )
+# HunyuanDiT's diffusers names share ``blocks.N.attn1.to_q``; its feed-forward, skip and AdaLN layers are not Wan's
+_NOT_WAN = re.compile(r"^blocks[._]\d+[._](ff[._]net|skip_linear|norm1[._]linear)")
 _IMAGE = ("k_img", "v_img", "add_k_proj", "add_v_proj", "img_emb", "image_embedder")
 
 
@@ -58,6 +61,12 @@ class Wan(Family):
 
     model_class = "WanTransformer3DModel"
     file_pattern = _FILE
+
+    def matches_file(self, paths: Iterable[str]) -> float:
+        paths = list(paths)
+        if any(_NOT_WAN.match(p) for p in paths):
+            return 0.0
+        return super().matches_file(paths)
 
     def aliases(self, component: str, module: nn.Module):
         mods = dict(module.named_modules())

@@ -91,6 +91,9 @@ class Resolution:
 
 def _candidates(path: str, component: str | None) -> list[str]:
     """The path as given, then without / with a leading prefix of ``component`` (or of any component)."""
+    if path.startswith("_") and len(path) > 1:
+        # VideoX-Fun (Wan Fun) writes ``lora_unet__blocks_0_...``: one underscore too many after the prefix
+        return list(dict.fromkeys([path, *_candidates(path.lstrip("_"), component)]))
     out = [path]
     comps = [component] if component in _PREFIXES else list(_PREFIXES)
     for comp in comps:
