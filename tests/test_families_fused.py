@@ -290,3 +290,22 @@ def test_lokr_and_loha_on_fused_qkv_are_sliced_from_the_full_delta(kind):
         torch.testing.assert_close(model.state_dict()[key], base.state_dict()[key] + 0.5 * full[i * H:(i + 1) * H],
                                    rtol=0, atol=1e-6)
         assert not torch.equal(model.state_dict()[key], base.state_dict()[key])
+
+
+def test_cli_convert_with_a_family_name(tmp_path):
+    from click.testing import CliRunner
+    from safetensors.torch import load_file, save_file
+
+    from lorakit.cli import cli
+
+    g = torch.Generator().manual_seed(13)
+    src = {"diffusion_model.double_blocks.0.txt_attn.qkv.lora_down.weight": torch.randn(1, 3072, generator=g),
+           "diffusion_model.double_blocks.0.txt_attn.qkv.lora_up.weight": torch.randn(9216, 1, generator=g)}
+    save_file(src, tmp_path / "in.safetensors")
+    result = CliRunner().invoke(cli, ["convert", str(tmp_path / "in.safetensors"), str(tmp_path / "out.safetensors"),
+                                      "--to", "peft", "--model", "flux1"])
+    assert result.exit_code == 0, result.output
+    got = load_file(tmp_path / "out.safetensors")
+    up = src["diffusion_model.double_blocks.0.txt_attn.qkv.lora_up.weight"]
+    assert torch.equal(got["transformer.transformer_blocks.0.attn.add_v_proj.lora_B.weight"], up[6144:])
+    assert len(got) == 6

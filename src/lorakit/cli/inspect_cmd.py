@@ -89,7 +89,8 @@ def _is_family(name: str) -> bool:
 @click.argument("dst")
 @click.option("--to", "fmt", type=click.Choice(["kohya", "peft"]), required=True, help="Output naming convention.")
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default=None, help="Cast float tensors.")
-@click.option("--model", default=None, help="Diffusers folder or 'tiny': resolves kohya names for --to peft.")
+@click.option("--model", default=None,
+              help="Diffusers folder, 'tiny' or a family name (flux1, sdxl, sd3, wan, ...): resolves names for --to peft.")
 def convert_cmd(src: str, dst: str, fmt: str, dtype: str | None, model: str | None) -> None:
     """Rewrite a LoRA in kohya/A1111/ComfyUI or diffusers/PEFT naming (atomic; never over the input).
 

@@ -65,6 +65,11 @@ def to_state_dict(
     """The tensors and metadata :func:`save` would write."""
     if format not in ("kohya", "peft"):
         raise ValueError(f"format must be 'kohya' or 'peft', got {format!r}")
+    if isinstance(model, str):  # a family name ("flux1", "sdxl", ...): its modules on the meta device
+        from ..families.offline import meta_components
+
+        wanted = tuple({layer.component for layer in lora if layer.component} | {"denoiser"})
+        model = meta_components(model, wanted)
     out: dict[str, torch.Tensor] = {}
     meta = {k: v for k, v in lora.metadata.items() if k != "lora_adapter_metadata"}
 

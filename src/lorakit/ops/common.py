@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..errors import FormatError, MatchError, NonFiniteError, SourceNotFoundError
+from ..errors import FormatError, NonFiniteError, SourceNotFoundError
 from ..io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, read_tensors
 from ..model import Layer, LoRA
 
@@ -358,21 +358,3 @@ def shape_numel(shape: Iterable[int]) -> int:
         n *= int(s)
     return n
 
-
-def match_or_raise(lora: LoRA, index: ModuleIndex, label: str) -> tuple[dict[str, tuple[str | None, str]], list[str]]:
-    """Resolve every layer; raise MatchError when nothing matched. Returns (matches, unmatched names)."""
-    matches: dict[str, tuple[str | None, str]] = {}
-    unmatched: list[str] = []
-    for layer in lora:
-        hit = index.resolve(layer)
-        if hit is None:
-            unmatched.append(layer.name)
-        else:
-            matches[layer.name] = hit
-    if not matches:
-        some = ", ".join(sorted(unmatched)[:3])
-        raise MatchError(
-            f"{label}: none of its {len(lora)} layers matches a module of {index.ckpt.path} (e.g. {some}). "
-            "Is it a LoRA for another model family, or does the checkpoint use another naming scheme?"
-        )
-    return matches, sorted(unmatched)
