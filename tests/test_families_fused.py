@@ -81,7 +81,7 @@ def test_dora_over_a_partly_present_fused_weight_is_refused_not_approximated():
     # no module), the delta cannot be computed exactly and the layer is refused with a typed error.
     from lorakit.errors import UnsupportedAdapterError
     from lorakit.families import Target
-    from lorakit.runtime.fuse import fused_base
+    from lorakit.placement import fused_base
 
     layer = next(iter(lorakit.load({"a.lora_down.weight": torch.ones(1, 4), "a.lora_up.weight": torch.ones(6, 1),
                                     "a.dora_scale": torch.ones(1, 4)})))

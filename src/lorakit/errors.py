@@ -14,21 +14,31 @@ keeps working::
     ├── SourceNotFoundError (FileNotFoundError)   a path / hub reference that does not resolve
     ├── OverwriteError (FileExistsError)    an output path equal to an input
     ├── MatchError (ValueError)             a LoRA matched nothing (or, strict, not everything)
-    └── ShapeMismatchError (ValueError)     a delta does not fit its target tensor
+    ├── ShapeMismatchError (ValueError)     a delta does not fit its target tensor
+    ├── UnknownFamilyError (KeyError)       a model family / variant name lorakit does not know
+    ├── PatchOrderError (RuntimeError)      a patch removed while a later one on the model is active
+    └── InternalError (RuntimeError)        an invariant of lorakit itself broke (a bug: please report it)
+
+    ApiError (Exception)                    the server's HTTP errors (status, machine code, message); not a
+                                            LorakitError, so library handlers never swallow an HTTP answer
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "ApiError",
     "FormatError",
     "IncompleteAdapterError",
+    "InternalError",
     "LorakitError",
     "MatchError",
     "NonFiniteError",
     "OverwriteError",
+    "PatchOrderError",
     "RankMismatchError",
     "ShapeMismatchError",
     "SourceNotFoundError",
+    "UnknownFamilyError",
     "UnknownFormatError",
     "UnsafeFileError",
     "UnsupportedAdapterError",
@@ -81,3 +91,29 @@ class MatchError(LorakitError, ValueError):
 
 class ShapeMismatchError(LorakitError, ValueError):
     """A delta's shape does not fit the tensor it targets."""
+
+
+class UnknownFamilyError(LorakitError, KeyError):
+    """A model family or variant name that lorakit does not know."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class PatchOrderError(LorakitError, RuntimeError):
+    """A patch was removed while a later patch on the same model is still active."""
+
+
+class InternalError(LorakitError, RuntimeError):
+    """An invariant of lorakit itself does not hold (replaces ``assert`` in library code): a bug to report."""
+
+
+class ApiError(Exception):
+    """An error with an HTTP status and a machine-readable code, rendered by the server as its JSON envelope."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}

@@ -94,9 +94,8 @@ class Layer:
     def delta_bias(self) -> torch.Tensor | None:
         """fp32 ``Δbias`` (``diff_b``/``b_norm`` plus PEFT ``lora_B.bias · alpha/r``), or ``None``."""
         parts = []
-        up_bias = getattr(self.weight, "delta_bias", None)
-        if up_bias is not None:
-            value = up_bias()
+        if self.weight is not None:
+            value = self.weight.delta_bias()
             if value is not None:
                 parts.append(value)
         if self.bias is not None:

@@ -1,7 +1,7 @@
 """Adapter types: one file per type, each registered through :func:`register_adapter` (first match wins,
 in registration order)."""
 
-from .base import ADAPTERS, WeightAdapter, adapter_for_fields, register_adapter
+from .base import ADAPTERS, LowRank, WeightAdapter, adapter_for_fields, register_adapter
 from .dora import DoRA
 from .full import FullDiff, NormDiff
 from .loha import LoHaWeights
@@ -15,6 +15,7 @@ __all__ = [
     "LoHaWeights",
     "LoKrWeights",
     "LoRAWeights",
+    "LowRank",
     "NormDiff",
     "WeightAdapter",
     "adapter_for_fields",

@@ -9,7 +9,8 @@ scale and exclude the user strength ``s``, which the runtime applies once.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from typing import ClassVar
 
 import torch
@@ -18,7 +19,19 @@ from torch import nn
 
 from ..errors import FormatError, IncompleteAdapterError, NonFiniteError, ShapeMismatchError
 
-__all__ = ["ADAPTERS", "WeightAdapter", "adapter_for_fields", "register_adapter"]
+__all__ = ["ADAPTERS", "LowRank", "WeightAdapter", "adapter_for_fields", "register_adapter"]
+
+#: picks (and possibly reorders) output rows of a row-major tensor: ``pick(t)`` has the target's rows of ``t``
+RowPick = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class LowRank:
+    """``ΔW.flatten(1) = scale · up @ down`` exactly: ``up [out, r]``, ``down [r, in·k…]`` (file dtype)."""
+
+    up: torch.Tensor
+    down: torch.Tensor
+    scale: float
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -101,6 +114,30 @@ class WeightAdapter:
         """Rows of the delta (output features/channels)."""
         raise NotImplementedError
 
+    # -- optional capabilities (defaults: none; the callers fall back to the materialised delta) --------
+    def low_rank(self) -> LowRank | None:
+        """The exact factor form of ``ΔW``, or ``None`` when the type has none."""
+        return None
+
+    def slice_rows(self, pick: RowPick) -> WeightAdapter | None:
+        """This adapter restricted to the output rows ``pick`` selects, or ``None`` when only the full delta can
+        be cut (LoHa, LoKr: their rows do not factor)."""
+        return None
+
+    def delta_numel(self) -> int:
+        """Elements of ``ΔW``; types that can tell it from their shapes do so without computing the delta."""
+        return self.natural_delta().numel()
+
+    def delta_bias(self) -> torch.Tensor | None:
+        """fp32 delta on the module's bias that comes with the weight delta (PEFT ``lora_B.bias``), or ``None``."""
+        return None
+
+    def unfused_problem(self, module: nn.Module) -> str | None:
+        """Why :meth:`delta_output` cannot run on ``module`` (checked before any hook is installed), or ``None``."""
+        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+            return None
+        return f"no unfused path for a {type(module).__name__} target"
+
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> WeightAdapter:
         changes = {
             f: getattr(self, f).to(device=device, dtype=dtype if getattr(self, f).is_floating_point() else None)
@@ -126,9 +163,18 @@ class WeightAdapter:
         return reshape_delta(delta, shape, self.kind)
 
     def delta_output(self, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
-        """``h(x)``: the output the delta adds to ``module(x)``. Default: run the module's op with ``ΔW``."""
-        weight = module.weight
-        delta = self.delta_weight(weight.shape).to(dtype=x.dtype, device=x.device)
+        """``h(x)``: the output the delta adds to ``module(x)`` (for the rows this adapter covers). Default: run
+        the module's op with ``ΔW``, materialised once per input dtype/device and cached on the adapter, so each
+        forward costs one extra GEMM/conv."""
+        key = (x.dtype, x.device)
+        cache = self.__dict__.get("_materialised")
+        if cache is None:
+            cache = {}
+            object.__setattr__(self, "_materialised", cache)  # frozen dataclass: a cache, not a field
+        delta = cache.get(key)
+        if delta is None:
+            shape = (self.out_features(), *module.weight.shape[1:])
+            delta = cache[key] = self.delta_weight(shape).to(dtype=x.dtype, device=x.device)
         return module_op(module, x, delta)
 
 
@@ -155,10 +201,7 @@ def reshape_delta(delta: torch.Tensor, shape: torch.Size | tuple[int, ...], kind
 
 
 def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
+    return math.prod(int(s) for s in shape)
 
 
 def module_op(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

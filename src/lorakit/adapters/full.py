@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from torch import nn
 
+from ..errors import UnsupportedAdapterError
 from .base import WeightAdapter, register_adapter
 
 __all__ = ["FullDiff", "NormDiff"]
@@ -27,6 +29,9 @@ class FullDiff(WeightAdapter):
     def natural_delta(self) -> torch.Tensor:
         return self.diff.float()
 
+    def delta_numel(self) -> int:
+        return self.diff.numel()
+
 
 @register_adapter
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -46,7 +51,11 @@ class NormDiff(WeightAdapter):
     def natural_delta(self) -> torch.Tensor:
         return self.w_norm.float()
 
-    def delta_output(self, x, module):  # norms are not linear in their weight alone: fuse instead
-        from ..errors import UnsupportedAdapterError
+    def delta_numel(self) -> int:
+        return self.w_norm.numel()
 
+    def unfused_problem(self, module: nn.Module) -> str | None:
+        return "a norm delta (w_norm) has no unfused path: a norm is not linear in its weight alone"
+
+    def delta_output(self, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
         raise UnsupportedAdapterError("norm deltas (w_norm) have no unfused path; apply with mode='fuse'")

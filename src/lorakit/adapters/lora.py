@@ -8,13 +8,14 @@ Tucker ``down [r, in, 1, 1]``, ``mid [r, r, kh, kw]``, ``up [out, r, 1, 1]``.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FormatError, RankMismatchError
-from .base import WeightAdapter, register_adapter
+from .base import LowRank, RowPick, WeightAdapter, register_adapter
 
 __all__ = ["LoRAWeights"]
 
@@ -69,7 +70,27 @@ class LoRAWeights(WeightAdapter):
     def delta_bias(self) -> torch.Tensor | None:
         return None if self.up_bias is None else self.up_bias.float() * self.scale
 
+    def low_rank(self) -> LowRank | None:
+        # Tucker (mid) and k×k ``up`` kernels do not flatten to one product
+        if self.mid is not None or any(k != 1 for k in self.up.shape[2:]):
+            return None
+        return LowRank(self.up.flatten(1), self.down.flatten(1), self.scale)
+
+    def slice_rows(self, pick: RowPick) -> LoRAWeights:
+        # ΔW's rows are ``up``'s rows times the shared ``down`` (and ``mid``): picking rows of ``up`` is exact
+        up_bias = None if self.up_bias is None else pick(self.up_bias)
+        return dataclasses.replace(self, up=pick(self.up), up_bias=up_bias)
+
+    def delta_numel(self) -> int:
+        if self.mid is not None:
+            return int(self.up.shape[0]) * int(self.down.shape[1]) * math.prod(self.mid.shape[2:])
+        return int(self.up.shape[0]) * math.prod(self.down.shape[1:])
+
     def delta_output(self, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        """Two small GEMMs/convs (``x → down → up``) instead of ``ΔW``: Linear with 2-D factors and ungrouped
+        Conv2d; anything else runs the materialised delta (the base class)."""
+        if getattr(module, "groups", 1) != 1:
+            return super().delta_output(x, module)
         dtype = x.dtype
         down = self.down.to(device=x.device, dtype=dtype)
         up = self.up.to(device=x.device, dtype=dtype)

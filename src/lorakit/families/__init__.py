@@ -1,6 +1,6 @@
-"""Model families: extra names for the modules of SDXL, SD3, FLUX.1, Wan and Cosmos (see base.py).
-
-Importing this package registers the built-in families.
+"""Model families and name resolution: extra names for the modules of SDXL, SD3, FLUX.1, Wan and Cosmos
+(``base.py``, one module per family) and the one :class:`Resolver` (``resolve.py``) that places LoRA layers on
+live modules, meta-device modules or checkpoint keys. Importing this package registers the built-in families.
 """
 
 from collections.abc import Iterable
@@ -12,9 +12,38 @@ from . import flux as _flux  # noqa: F401
 from . import sd3 as _sd3  # noqa: F401
 from . import sdxl as _sdxl  # noqa: F401
 from . import wan as _wan  # noqa: F401
-from .base import FAMILIES, Family, NameIndex, Target, build_index, register_family
+from .base import (
+    FAMILIES,
+    Alias,
+    Family,
+    ModuleRef,
+    NameIndex,
+    RowTransform,
+    Target,
+    build_index,
+    register_family,
+)
+from .resolve import GENERIC, CheckpointNames, Resolution, Resolver, Router, checkpoint_router, components_of
 
-__all__ = ["FAMILIES", "Family", "NameIndex", "Target", "build_index", "detect_family", "register_family"]
+__all__ = [
+    "FAMILIES",
+    "GENERIC",
+    "Alias",
+    "CheckpointNames",
+    "Family",
+    "ModuleRef",
+    "NameIndex",
+    "Resolution",
+    "Resolver",
+    "Router",
+    "RowTransform",
+    "Target",
+    "build_index",
+    "checkpoint_router",
+    "components_of",
+    "detect_family",
+    "register_family",
+]
 
 
 def detect_family(lora_or_paths: object) -> str | None:

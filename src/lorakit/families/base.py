@@ -11,13 +11,41 @@ reverse). Aliases are derived from the model's structure, never from hard-coded 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import re
 from collections.abc import Iterable, Mapping
-from typing import ClassVar
+from typing import ClassVar, Union
 
 from torch import nn
 
-__all__ = ["FAMILIES", "Family", "NameIndex", "Target", "build_index", "register_family"]
+__all__ = [
+    "FAMILIES", "Alias", "Family", "ModuleRef", "NameIndex", "RowTransform", "Target", "build_index", "register_family",
+]
+
+
+class RowTransform(str, enum.Enum):
+    """A named row permutation of a delta (compares equal to its string value)."""
+
+    #: the file stores ``(shift, scale)``, the model ``(scale, shift)``: swap the two halves of the rows
+    SWAP_SCALE_SHIFT = "swap_scale_shift"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class ModuleRef(str):
+    """``"component:module"`` as reports print it, with its two parts kept (never split back from the text)."""
+
+    component: str
+    module: str
+
+    def __new__(cls, component: str, module: str) -> ModuleRef:
+        ref = super().__new__(cls, f"{component}:{module}")
+        ref.component, ref.module = component, module
+        return ref
+
+    def __reduce__(self):  # pickles (Ray) rebuild from the parts
+        return (ModuleRef, (self.component, self.module))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +65,45 @@ class Target:
     module: str
     src_rows: tuple[int, int] | None = None
     dst_rows: tuple[int, int] | None = None
-    transform: str | None = None
+    transform: RowTransform | None = None
     param_map: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.transform is not None and not isinstance(self.transform, RowTransform):
+            try:
+                object.__setattr__(self, "transform", RowTransform(self.transform))
+            except ValueError:
+                known = ", ".join(t.value for t in RowTransform)
+                raise ValueError(f"unknown row transform {self.transform!r} for {self.module}; known: {known}") from None
+
+    @property
+    def ref(self) -> ModuleRef:
+        return ModuleRef(self.component, self.module)
+
+
+@dataclasses.dataclass(frozen=True)
+class Alias:
+    """An extra name for one module, or for row slices of several (a fused projection).
+
+    A generic name (the model's own module path) wins over an alias unless ``override``: e.g. Wan's
+    ``blocks.N`` must carry ``param_map`` (``modulation`` -> ``scale_shift_table``)."""
+
+    name: str
+    targets: tuple[Target, ...]
+    override: bool = False
+
+    def __init__(self, name: str, targets: Target | Iterable[Target], override: bool = False) -> None:
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "targets", (targets,) if isinstance(targets, Target) else tuple(targets))
+        object.__setattr__(self, "override", bool(override))
+
+    @staticmethod
+    def of(item: Alias | tuple) -> Alias:
+        """An :class:`Alias` from itself or from a third-party family's ``(name, targets[, override])`` tuple."""
+        return item if isinstance(item, Alias) else Alias(*item)
+
+
+AliasLike = Union[Alias, tuple]
 
 
 class NameIndex:
@@ -86,10 +151,8 @@ class Family:
             return 0.0
         return sum(bool(self.file_pattern.match(p)) for p in paths) / len(paths)
 
-    def aliases(self, component: str, module: nn.Module) -> Iterable[tuple]:
-        """Extra ``(alias, target(s))`` pairs for ``module`` (a component of this family). A generic name
-        (the model's own module path) wins over an alias unless the pair is ``(alias, target(s), True)``:
-        e.g. Wan's ``blocks.N`` must carry ``param_map`` (``modulation`` -> ``scale_shift_table``)."""
+    def aliases(self, component: str, module: nn.Module) -> Iterable[AliasLike]:
+        """Extra names (:class:`Alias`) for the modules of ``module`` (a component of this family)."""
         return ()
 
     def notes(self, component: str, module: nn.Module, touched: set[str], paths: list[str]) -> list[str]:
@@ -129,10 +192,10 @@ def build_index(components: Mapping[str, nn.Module], families: Iterable[Family] 
             if family.matches_model(component, root):
                 if family.name not in index.families:
                     index.families.append(family.name)
-                for alias, targets, *override in family.aliases(component, root):
-                    force = bool(override and override[0])
-                    index.add(component, alias, targets, override=force)
-                    flat = alias.replace(".", "_")
-                    if flat != alias:
-                        index.add(component, flat, targets, override=force)
+                for item in family.aliases(component, root):
+                    alias = Alias.of(item)
+                    index.add(component, alias.name, alias.targets, override=alias.override)
+                    flat = alias.name.replace(".", "_")
+                    if flat != alias.name:
+                        index.add(component, flat, alias.targets, override=alias.override)
     return index

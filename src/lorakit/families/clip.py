@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import Family, Target, register_family
+from .base import Alias, Family, Target, register_family
 
 __all__ = ["CLIP"]
 
@@ -24,4 +24,4 @@ class CLIP(Family):
         for name, _ in module.named_modules():
             for new, old in _OLD:
                 if name.endswith(".self_attn." + new):
-                    yield name[: -len(new)] + old, Target(component, name)
+                    yield Alias(name[: -len(new)] + old, Target(component, name))

@@ -14,7 +14,7 @@ import re
 
 from torch import nn
 
-from .base import Family, Target, register_family
+from .base import Alias, Family, Target, register_family
 
 __all__ = ["Cosmos"]
 
@@ -84,8 +84,8 @@ class Cosmos(Family):
         for orig, diff in pairs:
             if diff in mods:
                 target = Target(component, diff)
-                yield orig, target
-                yield f"net.{orig}", target  # native checkpoints keep the ``net.`` of NVIDIA's training wrapper
+                yield Alias(orig, target)
+                yield Alias(f"net.{orig}", target)  # native checkpoints keep the ``net.`` of NVIDIA's training wrapper
 
     def notes(self, component: str, module: nn.Module, touched: set[str], paths: list[str]) -> list[str]:
         out = []

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from .base import Family, Target, register_family
+from .base import Alias, Family, RowTransform, Target, register_family
 
 __all__ = ["Flux"]
 
@@ -89,27 +89,27 @@ class Flux(Family):
             img_qkv = _rows(component, block, ("attn.to_q", "attn.to_k", "attn.to_v"), mods)
             txt_qkv = _rows(component, block, ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"), mods)
             for bfl in (f"double_blocks.{i}.img_attn.qkv", *_xlabs(f"double_blocks.{i}.processor.qkv_lora1")):
-                yield bfl, img_qkv
+                yield Alias(bfl, img_qkv)
             for bfl in (f"double_blocks.{i}.txt_attn.qkv", *_xlabs(f"double_blocks.{i}.processor.qkv_lora2")):
-                yield bfl, txt_qkv
+                yield Alias(bfl, txt_qkv)
             for bfl, diff in _DOUBLE:
                 if f"{block}.{diff}" in mods:
                     for alias in _xlabs(f"double_blocks.{i}.{bfl}"):
-                        yield alias, Target(component, f"{block}.{diff}")
+                        yield Alias(alias, Target(component, f"{block}.{diff}"))
         for i in range(singles):
             block = f"single_transformer_blocks.{i}"
-            yield f"single_blocks.{i}.linear1", _rows(
+            yield Alias(f"single_blocks.{i}.linear1", _rows(
                 component, block, ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), mods
-            )
+            ))
             for alias in _xlabs(f"single_blocks.{i}.processor.qkv_lora"):
-                yield alias, _rows(component, block, ("attn.to_q", "attn.to_k", "attn.to_v"), mods)
+                yield Alias(alias, _rows(component, block, ("attn.to_q", "attn.to_k", "attn.to_v"), mods))
             for bfl, diff in _SINGLE:
                 if f"{block}.{diff}" in mods:
                     for alias in _xlabs(f"single_blocks.{i}.{bfl}"):
-                        yield alias, Target(component, f"{block}.{diff}")
+                        yield Alias(alias, Target(component, f"{block}.{diff}"))
         for bfl, diff in _GLOBAL:
             if diff in mods:
-                yield bfl, Target(component, diff)
+                yield Alias(bfl, Target(component, diff))
         if "norm_out.linear" in mods:
             # BFL stores (shift, scale); diffusers' AdaLayerNormContinuous expects (scale, shift).
-            yield "final_layer.adaLN_modulation.1", Target(component, "norm_out.linear", transform="swap_scale_shift")
+            yield Alias("final_layer.adaLN_modulation.1", Target(component, "norm_out.linear", transform=RowTransform.SWAP_SCALE_SHIFT))

@@ -8,21 +8,17 @@ The configs are the released models' ``config.json`` values (sizes only; nothing
 from __future__ import annotations
 
 import functools
+import json
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..errors import LorakitError
+from ..errors import UnknownFamilyError
 
-__all__ = ["FAMILY_NAMES", "VARIANTS", "meta_components", "variant_for"]
-
-
-class UnknownFamilyError(LorakitError, KeyError):
-    """A family/variant name that :func:`meta_components` does not know."""
-
-    def __str__(self) -> str:  # KeyError would print the message in quotes
-        return str(self.args[0]) if self.args else ""
+__all__ = ["FAMILY_NAMES", "VARIANTS", "folder_denoiser", "meta_components", "variant_for"]
 
 
 # -- text encoders (transformers configs) -------------------------------------------------------------------
@@ -171,3 +167,23 @@ def meta_components(name: str, components: tuple[str, ...] | None = None) -> dic
     variant = variant_for(name)
     wanted = [c for c in VARIANTS[variant] if components is None or c in components]
     return {c: _build(variant, c) for c in wanted}
+
+
+def folder_denoiser(folder: str | os.PathLike[str]) -> nn.Module | None:
+    """The denoiser of a diffusers folder on the meta device, built from its own ``config.json`` (exact sizes);
+    ``None`` when ``folder`` is not a folder or names no diffusers class."""
+    path = Path(folder)
+    if not path.is_dir():
+        return None
+    for sub in ("transformer", "unet"):
+        cfg_path = path / sub / "config.json"
+        if cfg_path.is_file():
+            cfg = json.loads(cfg_path.read_text())
+            import diffusers
+
+            cls = getattr(diffusers, str(cfg.get("_class_name")), None)
+            if cls is None:
+                return None
+            with torch.device("meta"):
+                return cls.from_config(cfg).eval()
+    return None

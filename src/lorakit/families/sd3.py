@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from .base import Family, Target, register_family
+from .base import Alias, Family, RowTransform, Target, register_family
 from .flux import _rows
 
 __all__ = ["SD3"]
@@ -59,33 +59,33 @@ class SD3(Family):
             for stream, (qkv, out, ff, mod, norms) in _STREAM.items():
                 orig = f"joint_blocks.{i}.{stream}"
                 if all(f"{block}.{q}" in mods for q in qkv):
-                    yield f"{orig}.attn.qkv", _rows(component, block, qkv, mods)
+                    yield Alias(f"{orig}.attn.qkv", _rows(component, block, qkv, mods))
                 if f"{block}.{out}" in mods:
-                    yield f"{orig}.attn.proj", Target(component, f"{block}.{out}")
+                    yield Alias(f"{orig}.attn.proj", Target(component, f"{block}.{out}"))
                 for fc, net in (("fc1", "net.0.proj"), ("fc2", "net.2")):
                     if f"{block}.{ff}.{net}" in mods:
-                        yield f"{orig}.mlp.{fc}", Target(component, f"{block}.{ff}.{net}")
+                        yield Alias(f"{orig}.mlp.{fc}", Target(component, f"{block}.{ff}.{net}"))
                 for ln, norm in zip(("ln_q", "ln_k"), norms):
                     if f"{block}.{norm}" in mods:
-                        yield f"{orig}.attn.{ln}", Target(component, f"{block}.{norm}")
+                        yield Alias(f"{orig}.attn.{ln}", Target(component, f"{block}.{norm}"))
                 if f"{block}.{mod}" in mods:
                     # a context-pre-only last block has AdaLayerNormContinuous (scale, shift) in diffusers
                     swap = type(mods[f"{block}.{mod}".rsplit(".", 1)[0]]).__name__ == "AdaLayerNormContinuous"
-                    yield f"{orig}.adaLN_modulation.1", Target(component, f"{block}.{mod}",
-                                                               transform="swap_scale_shift" if swap else None)
+                    yield Alias(f"{orig}.adaLN_modulation.1", Target(component, f"{block}.{mod}",
+                                                               transform=RowTransform.SWAP_SCALE_SHIFT if swap else None))
             x2 = ("attn2.to_q", "attn2.to_k", "attn2.to_v")
             if all(f"{block}.{q}" in mods for q in x2):  # SD3.5 dual attention (MMDiT-X)
                 orig = f"joint_blocks.{i}.x_block.attn2"
-                yield f"{orig}.qkv", _rows(component, block, x2, mods)
-                yield f"{orig}.proj", Target(component, f"{block}.attn2.to_out.0")
+                yield Alias(f"{orig}.qkv", _rows(component, block, x2, mods))
+                yield Alias(f"{orig}.proj", Target(component, f"{block}.attn2.to_out.0"))
                 for ln, norm in (("ln_q", "attn2.norm_q"), ("ln_k", "attn2.norm_k")):
                     if f"{block}.{norm}" in mods:
-                        yield f"{orig}.{ln}", Target(component, f"{block}.{norm}")
+                        yield Alias(f"{orig}.{ln}", Target(component, f"{block}.{norm}"))
         for orig, diff in _GLOBAL:
             if diff in mods:
-                yield orig, Target(component, diff)
+                yield Alias(orig, Target(component, diff))
         if "norm_out.linear" in mods:
-            yield "final_layer.adaLN_modulation.1", Target(component, "norm_out.linear", transform="swap_scale_shift")
+            yield Alias("final_layer.adaLN_modulation.1", Target(component, "norm_out.linear", transform=RowTransform.SWAP_SCALE_SHIFT))
 
     def notes(self, component: str, module: nn.Module, touched: set[str], paths: list[str]) -> list[str]:
         """Say which SD3 variant a LoRA's left-over layers belong to: deeper models (SD3.5 Large: 38 joint

@@ -17,7 +17,7 @@ import re
 
 from torch import nn
 
-from .base import Family, Target, register_family
+from .base import Alias, Family, Target, register_family
 
 __all__ = ["SDXL"]
 
@@ -91,13 +91,13 @@ class SDXL(Family):
     def aliases(self, component: str, module: nn.Module):
         mods = dict(module.named_modules())
         for orig, diff, kind in self.module_map(module):
-            yield orig, Target(component, diff)
+            yield Alias(orig, Target(component, diff))
             if kind == "resnet":
                 for o, d in _RESNET:
                     if f"{diff}.{d}" in mods:
-                        yield f"{orig}.{o}", Target(component, f"{diff}.{d}")
+                        yield Alias(f"{orig}.{o}", Target(component, f"{diff}.{d}"))
             elif kind == "attention":
                 # inside a Transformer2DModel the names are the same in both namespaces
                 for name in mods:
                     if name.startswith(diff + "."):
-                        yield orig + name[len(diff):], Target(component, name)
+                        yield Alias(orig + name[len(diff):], Target(component, name))

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from .base import Family, Target, register_family
+from .base import Alias, Family, Target, register_family
 
 __all__ = ["Wan"]
 
@@ -74,18 +74,18 @@ class Wan(Family):
             block = f"blocks.{i}"
             for orig, diff in _BLOCK:
                 if f"{block}.{diff}" in mods:
-                    yield f"{block}.{orig}", Target(component, f"{block}.{diff}")
+                    yield Alias(f"{block}.{orig}", Target(component, f"{block}.{diff}"))
             if f"{block}.norm2" in mods:
                 # original norm3 (the affine cross-attention norm) is diffusers' norm2; diffusers' own norm3 has no
                 # weight, so taking its name over cannot misplace a diffusers-named file
-                yield f"{block}.norm3", Target(component, f"{block}.norm2"), True
-            yield block, Target(component, block, param_map=_MODULATION), True
+                yield Alias(f"{block}.norm3", Target(component, f"{block}.norm2"), override=True)
+            yield Alias(block, Target(component, block, param_map=_MODULATION), override=True)
         for orig, diff in _GLOBAL:
             if diff in mods:
-                yield orig, Target(component, diff)
+                yield Alias(orig, Target(component, diff))
         # the head's modulation (LightX2V ``head.diff_m``) is the model's top-level scale_shift_table
-        yield "head", Target(component, "", param_map=_MODULATION), True
-        yield "head.modulation", Target(component, "", param_map=_MODULATION)
+        yield Alias("head", Target(component, "", param_map=_MODULATION), override=True)
+        yield Alias("head.modulation", Target(component, "", param_map=_MODULATION))
 
     def notes(self, component: str, module: nn.Module, touched: set[str], paths: list[str]) -> list[str]:
         image = sorted(n for n in dict(module.named_modules()) if n.endswith(("attn2.add_k_proj", "attn2.add_v_proj")))

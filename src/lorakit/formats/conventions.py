@@ -1,12 +1,92 @@
-"""Naming conventions as data: file prefixes (-> component, flattened or dotted namespace) and adapter
-suffixes (-> canonical field). Detection and grouping are generic code over these tables.
+"""Naming conventions as data: one component <-> prefix table per convention, file prefixes (-> component,
+flattened or dotted namespace) and adapter suffixes (-> canonical field). Reader, writer, extract and
+:func:`kohya_name` all read these tables; detection and grouping are generic code over them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["PREFIXES", "SUFFIXES", "UNSUPPORTED_SUFFIXES", "Prefix", "Suffix"]
+__all__ = [
+    "CHECKPOINT_PREFIXES", "KOHYA_PREFIX", "KOHYA_SINGLE_TE", "KOHYA_TRANSFORMER", "MODULE_HEADS", "NATIVE_PREFIX",
+    "PEFT_COMPONENT", "PEFT_PREFIX", "PEFT_TRANSFORMER", "PREFIXES", "SUFFIXES", "UNSUPPORTED_SUFFIXES", "WRAPPERS",
+    "Prefix", "Suffix", "kohya_name", "kohya_prefix", "peft_prefix",
+]
+
+# -- one component <-> prefix table per convention ------------------------------------------------------------
+# canonical components: lorakit.model.COMPONENTS ("denoiser" is the UNet or transformer of a pipeline)
+
+#: kohya / A1111 / ComfyUI: one prefix per component, module paths flattened (dots -> underscores)
+KOHYA_PREFIX: dict[str, str] = {
+    "denoiser": "lora_unet_",
+    "text_encoder": "lora_te1_",
+    "text_encoder_2": "lora_te2_",
+    "text_encoder_3": "lora_te3_",
+}
+#: a model with a single text encoder (SD 1.x/2.x) writes it without a number, as kohya's sd-scripts do
+KOHYA_SINGLE_TE = "lora_te_"
+#: OneTrainer's denoiser prefix: ComfyUI reads it as *diffusers* module names, while ``lora_unet_`` means the
+#: original (BFL / MMDiT) names; a diffusers-named transformer layer is written under it
+KOHYA_TRANSFORMER = "lora_transformer_"
+#: diffusers / PEFT: dotted module paths under the pipeline attribute's name
+PEFT_PREFIX: dict[str, str] = {
+    "denoiser": "unet.",
+    "text_encoder": "text_encoder.",
+    "text_encoder_2": "text_encoder_2.",
+    "text_encoder_3": "text_encoder_3.",
+}
+#: a transformer-based pipeline's denoiser attribute
+PEFT_TRANSFORMER = "transformer."
+#: PEFT config / pipeline attribute name -> canonical component
+PEFT_COMPONENT: dict[str, str] = {
+    "unet": "denoiser", "transformer": "denoiser", "prior": "denoiser",
+    "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "text_encoder_3": "text_encoder_3",
+}
+#: native (ComfyUI / original checkpoint) names
+NATIVE_PREFIX: dict[str, tuple[str, ...]] = {
+    "denoiser": ("model.diffusion_model.", "diffusion_model."),
+    "text_encoder": ("text_encoders.clip_l.transformer.",),
+    "text_encoder_2": ("text_encoders.clip_g.transformer.",),
+    "text_encoder_3": ("text_encoders.t5xxl.transformer.",),
+}
+#: heads a module path may still carry inside its component's namespace (tried with and without them)
+MODULE_HEADS: dict[str, tuple[str, ...]] = {
+    "denoiser": ("unet", "transformer", "model.diffusion_model", "diffusion_model", "model"),
+    # transformers 5 flattened CLIPTextModel (no ``text_model.``), while files still carry it
+    "text_encoder": ("text_encoder", "te", "te1", "text_model"),
+    "text_encoder_2": ("text_encoder_2", "te2", "text_model"),
+    "text_encoder_3": ("text_encoder_3", "te3", "text_model"),
+}
+#: key prefixes of full checkpoints (single files) that are not part of a module's identity
+CHECKPOINT_PREFIXES: tuple[str, ...] = (
+    *NATIVE_PREFIX["denoiser"], "cond_stage_model.transformer.", "unet.", PEFT_TRANSFORMER, "text_encoder.", "model.",
+)
+
+
+def kohya_prefix(component: str, *, single_te: bool = False, transformer: bool = False) -> str:
+    """The kohya prefix lorakit writes for ``component`` (``lora_te_`` for a lone text encoder, OneTrainer's
+    ``lora_transformer_`` for diffusers-named transformer layers; unknown components get ``lora_<name>_``)."""
+    if component == "text_encoder" and single_te:
+        return KOHYA_SINGLE_TE
+    if component == "denoiser" and transformer:
+        return KOHYA_TRANSFORMER
+    return KOHYA_PREFIX.get(component, f"lora_{component}_")
+
+
+def kohya_name(component: str | None, path: str, *, single_te: bool = False, transformer: bool = False) -> str:
+    """``prefix + flattened path``; a path with no component keeps its spelling."""
+    if component is None:
+        return path
+    return kohya_prefix(component, single_te=single_te, transformer=transformer) + path.replace(".", "_")
+
+
+def peft_prefix(component: str | None, *, transformer: bool = False) -> str:
+    """The diffusers/PEFT prefix of ``component`` (``""`` for none; ``transformer.`` for a DiT denoiser)."""
+    if component is None:
+        return ""
+    if component == "denoiser" and transformer:
+        return PEFT_TRANSFORMER
+    return PEFT_PREFIX.get(component, f"{component}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,26 +104,19 @@ class Suffix:
     convention: str
 
 
-# Longest first within each family of prefixes; the first match wins.
-PREFIXES: tuple[Prefix, ...] = (
-    Prefix("lora_unet_", "denoiser", True, "kohya"),
-    Prefix("lora_te1_", "text_encoder", True, "kohya"),
-    Prefix("lora_te2_", "text_encoder_2", True, "kohya"),
-    Prefix("lora_te3_", "text_encoder_3", True, "kohya"),
-    Prefix("lora_te_", "text_encoder", True, "kohya"),
-    Prefix("lora_transformer_", "denoiser", True, "onetrainer"),
-    Prefix("lycoris_", "denoiser", True, "lycoris"),
-    Prefix("model.diffusion_model.", "denoiser", False, "native"),
-    Prefix("diffusion_model.", "denoiser", False, "native"),
-    Prefix("text_encoders.clip_l.transformer.", "text_encoder", False, "native"),
-    Prefix("text_encoders.clip_g.transformer.", "text_encoder_2", False, "native"),
-    Prefix("text_encoders.t5xxl.transformer.", "text_encoder_3", False, "native"),
-    Prefix("unet.", "denoiser", False, "peft"),
-    Prefix("transformer.", "denoiser", False, "peft"),
-    Prefix("text_encoder_2.", "text_encoder_2", False, "peft"),
-    Prefix("text_encoder_3.", "text_encoder_3", False, "peft"),
-    Prefix("text_encoder.", "text_encoder", False, "peft"),
-)
+def _read_prefixes() -> tuple[Prefix, ...]:
+    """Every prefix the reader knows, from the tables above; longer first so the first match wins."""
+    rows = [Prefix(p, c, True, "kohya") for c, p in KOHYA_PREFIX.items()]
+    rows.append(Prefix(KOHYA_SINGLE_TE, "text_encoder", True, "kohya"))
+    rows.append(Prefix(KOHYA_TRANSFORMER, "denoiser", True, "onetrainer"))
+    rows.append(Prefix("lycoris_", "denoiser", True, "lycoris"))
+    rows += [Prefix(p, c, False, "native") for c, ps in NATIVE_PREFIX.items() for p in ps]
+    rows += [Prefix(p, c, False, "peft") for c, p in PEFT_PREFIX.items()]
+    rows.append(Prefix(PEFT_TRANSFORMER, "denoiser", False, "peft"))
+    return tuple(sorted(rows, key=lambda p: -len(p.text)))
+
+
+PREFIXES: tuple[Prefix, ...] = _read_prefixes()
 
 #: wrappers stripped before the prefixes above (PEFT's model wrapper)
 WRAPPERS = ("base_model.model.",)

@@ -151,7 +151,7 @@ def plan_merge(ckpt: Checkpoint, loras: Sequence[tuple[LoRA, float]], strict: bo
 
 
 def _patched(w: torch.Tensor, ops: list, info: TensorInfo, out_dtype: torch.dtype) -> torch.Tensor:
-    from ..runtime.fuse import bias_delta, weight_delta
+    from ..placement import bias_delta, weight_delta
 
     acc = w.to(torch.float32, copy=True)  # never write into the tensor read (a loaded .pt keeps it)
     for strength, layer, what, target in ops:

@@ -3,6 +3,6 @@ newest first. ``apply`` resolves names through :mod:`lorakit.families`.
 """
 
 from .patch import ApplyReport, Patch, PatchOrderError, apply
-from .resolve import GENERIC, Resolver, components_of
+from ..families.resolve import GENERIC, Resolver, components_of
 
 __all__ = ["GENERIC", "ApplyReport", "Patch", "PatchOrderError", "Resolver", "apply", "components_of"]

@@ -14,13 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import LorakitError, MatchError, ShapeMismatchError, UnsupportedAdapterError
-from ..families import Target
+from ..errors import MatchError, PatchOrderError, ShapeMismatchError, UnsupportedAdapterError
+from ..families import ModuleRef, Resolver, Target, components_of
 from ..model import Layer, LoRA
-from .fuse import (
-    Contribution,
+from ..placement import (
     bias_delta,
-    fuse,
     fused_base,
     get_param,
     low_rank_factors,
@@ -28,28 +26,24 @@ from .fuse import (
     param_deltas,
     weight_delta,
 )
+from .fuse import Contribution, FusePlan, fuse
 from .hooks import HookState, make_branch
-from .resolve import Resolver, components_of
 
-__all__ = ["ApplyReport", "Patch", "PatchOrderError", "apply"]
+__all__ = ["ApplyReport", "Patch", "PatchOrderError", "apply"]  # PatchOrderError: from lorakit.errors
 
 MODES = ("fuse", "hook")
 # Patches active on each component module, oldest first (weak: a dropped model takes its stack along).
 _STACKS: weakref.WeakKeyDictionary[nn.Module, list[Patch]] = weakref.WeakKeyDictionary()
 
 
-class PatchOrderError(LorakitError, RuntimeError):
-    """A patch was removed while a later patch on the same model is still active."""
-
-
 @dataclasses.dataclass
 class ApplyReport:
     """What an apply did, per LoRA label (``"0:style.safetensors"``): ``matched`` file layer -> target
-    module(s) (``component:module``), ``unmatched`` file layers, ``shape_mismatches`` layer -> reason
+    module(s) (:class:`~lorakit.families.ModuleRef`, printed ``component:module``), ``unmatched`` file layers, ``shape_mismatches`` layer -> reason
     (skipped), and how many weighted modules of the target no LoRA touched."""
 
     mode: str = "fuse"
-    matched: dict[str, dict[str, list[str]]] = dataclasses.field(default_factory=dict)
+    matched: dict[str, dict[str, list[ModuleRef]]] = dataclasses.field(default_factory=dict)
     unmatched: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     shape_mismatches: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
     untouched_modules: int = 0
@@ -180,9 +174,6 @@ class Patch:
         return f"<Patch mode={self.mode} loras={len(self.loras)} strengths={self._strengths} {state}>"
 
 
-LoraSpec = "str | os.PathLike[str] | LoRA | tuple[str | os.PathLike[str] | LoRA, float]"
-
-
 def _normalise(loras: Any) -> list[tuple[LoRA, float]]:
     single = isinstance(loras, (str, os.PathLike, LoRA)) or (
         isinstance(loras, tuple) and len(loras) == 2 and isinstance(loras[1], (int, float)) and not isinstance(loras[1], bool)
@@ -192,7 +183,7 @@ def _normalise(loras: Any) -> list[tuple[LoRA, float]]:
     for item in items:
         src, strength = item if isinstance(item, tuple) else (item, 1.0)
         if not isinstance(src, LoRA):
-            from .. import load  # lazy: formats is a heavier import and optional for LoRA objects
+            from ..formats import load  # lazy: the reader is only needed for paths
 
             src = load(src)
         strength = float(strength)
@@ -208,25 +199,14 @@ def _label(lora: LoRA, i: int) -> str:
     return f"{i}:{os.path.basename(str(lora.source))}" if lora.source else f"{i}:lora"
 
 
-def _module(resolver: Resolver, target: Target) -> nn.Module:
-    return resolver.index.modules[target.component][target.module]
-
-
 def _fuse_pieces(layer: Layer, targets: list[Target], resolver: Resolver) -> list[tuple[nn.Parameter, Contribution]]:
     """Every (parameter, delta) of one layer; raises ShapeMismatchError before anything is kept."""
     pieces: list[tuple[nn.Parameter, Contribution]] = []
     base = _fused_base(layer, targets, resolver)
     for t in targets:
-        module = _module(resolver, t)
+        module = resolver.module(t)
         if layer.weight is not None:
-            w = get_param(module, "weight")
-            if w is None:
-                raise ShapeMismatchError(f"{t.module} has no weight for the {layer.weight.kind} delta")
-            factors = low_rank_factors(layer, t, w.data)
-            if factors is not None:
-                pieces.append((w, Contribution(-1, layer.name, None, t.dst_rows, factors)))
-            else:
-                pieces.append((w, Contribution(-1, layer.name, weight_delta(layer, t, w.data, base), t.dst_rows)))
+            pieces.append(_weight_piece(layer, t, module, base))
         db = bias_delta(layer, t)
         if db is not None:
             b = get_param(module, "bias")
@@ -249,12 +229,22 @@ def _fuse_pieces(layer: Layer, targets: list[Target], resolver: Resolver) -> lis
     return pieces
 
 
+def _weight_piece(layer: Layer, t: Target, module: nn.Module, base: torch.Tensor | None) -> tuple[nn.Parameter, Contribution]:
+    w = get_param(module, "weight")
+    if w is None:
+        raise ShapeMismatchError(f"{t.module} has no weight for the {layer.weight.kind} delta")
+    factors = low_rank_factors(layer, t, w.data)
+    if factors is not None:
+        return w, Contribution(-1, layer.name, None, t.dst_rows, factors)
+    return w, Contribution(-1, layer.name, weight_delta(layer, t, w.data, base), t.dst_rows)
+
+
 def _fused_base(layer: Layer, targets: list[Target], resolver: Resolver) -> torch.Tensor | None:
     if layer.weight is None or not needs_fused_base(layer, targets):
         return None
     weights = []
     for t in targets:
-        w = get_param(_module(resolver, t), "weight")
+        w = get_param(resolver.module(t), "weight")
         if w is None:
             raise ShapeMismatchError(f"{t.module} has no weight for the {layer.weight.kind} delta")
         weights.append(w.data)
@@ -267,10 +257,9 @@ def family_notes(resolver: Resolver, report: ApplyReport, loras: list[LoRA]) -> 
 
     touched: dict[str, set[str]] = {}
     for per_layer in report.matched.values():
-        for targets in per_layer.values():
-            for t in targets:
-                comp, _, mod = t.partition(":")
-                touched.setdefault(comp, set()).add(mod)
+        for refs in per_layer.values():
+            for ref in refs:
+                touched.setdefault(ref.component, set()).add(ref.module)
     paths = [layer.path for lora in loras for layer in lora]
     notes: list[str] = []
     for family in FAMILIES:
@@ -285,6 +274,103 @@ def family_notes(resolver: Resolver, report: ApplyReport, loras: list[LoRA]) -> 
 def _mismatch_message(report: ApplyReport) -> str:
     items = sorted(f"{label}: {name}: {why}" for label, d in report.shape_mismatches.items() for name, why in d.items())
     return "\n  ".join(items)
+
+
+@dataclasses.dataclass
+class _Plan:
+    """Everything an apply computed before touching the model: fuse contributions or hook branches."""
+
+    fuse: FusePlan = dataclasses.field(default_factory=dict)
+    hooks: dict[int, HookState] = dataclasses.field(default_factory=dict)
+    touched: set[int] = dataclasses.field(default_factory=set)
+
+
+def _plan(patch: Patch, resolver: Resolver) -> _Plan:
+    """Resolve every layer and compute its deltas (fuse) or branches (hook); record the report. Nothing changes."""
+    plan = _Plan()
+    report = patch.report
+    for i, (lora, strength) in enumerate(patch.loras):
+        label = _label(lora, i)
+        res = resolver.resolve(lora)
+        report.unmatched[label] = sorted(layer.name for layer in res.unmatched)
+        report.matched[label] = {}
+        report.shape_mismatches[label] = {}
+        for layer, targets in res.matched:
+            try:
+                if patch.mode == "fuse":
+                    _plan_fuse(plan, i, layer, targets, resolver, strength)
+                else:
+                    _plan_hooks(plan, i, layer, targets, resolver, patch)
+            except ShapeMismatchError as exc:
+                report.shape_mismatches[label][layer.name] = str(exc)
+                continue
+            report.matched[label][layer.name] = [t.ref for t in targets]
+            patch._lora_params += layer.parameters()
+            plan.touched.update(id(resolver.module(t)) for t in targets)
+    return plan
+
+
+def _plan_fuse(plan: _Plan, i: int, layer: Layer, targets: list[Target], resolver: Resolver, strength: float) -> None:
+    pieces = [] if strength == 0.0 else _fuse_pieces(layer, targets, resolver)
+    for param, contrib in pieces:
+        contrib.lora = i
+        plan.fuse.setdefault(id(param), (param, []))[1].append(contrib)
+
+
+def _plan_hooks(plan: _Plan, i: int, layer: Layer, targets: list[Target], resolver: Resolver, patch: Patch) -> None:
+    base = _fused_base(layer, targets, resolver)
+    # every branch is built (and checked) before any is recorded: a failing target leaves no half layer
+    branches = [(t, resolver.module(t), make_branch(layer, t, resolver.module(t), base)) for t in targets]
+    for t, module, branch in branches:
+        state = plan.hooks.get(id(module))
+        if state is None:
+            state = plan.hooks[id(module)] = HookState(module, patch._strengths)
+        state.branches.append((i, branch, t.dst_rows))
+
+
+def _check_plan(report: ApplyReport, target: object, components: dict[str, nn.Module], strict: bool) -> list[str]:
+    """Raise when nothing matched (or, ``strict``, anything did not); return the unmatched layers otherwise."""
+    n_matched = sum(len(v) for v in report.matched.values())
+    unmatched = report.all_unmatched()
+    if n_matched == 0:
+        sample = ", ".join(unmatched[:10]) + (" ..." if len(unmatched) > 10 else "")
+        problems = _mismatch_message(report)
+        raise MatchError(
+            f"no layer of the LoRA(s) matched a module of the {type(target).__name__} "
+            f"(components: {', '.join(components)}; unmatched: {sample or '-'}"
+            + (f"; shape mismatches:\n  {problems}" if problems else "")
+            + "). Is it a LoRA for another model family?"
+        )
+    if strict and (unmatched or any(report.shape_mismatches.values())):
+        parts = []
+        if unmatched:
+            parts.append(f"{len(unmatched)} layer(s) matched no module:\n  " + "\n  ".join(unmatched))
+        if any(report.shape_mismatches.values()):
+            parts.append("shape mismatches:\n  " + _mismatch_message(report))
+        raise MatchError("strict=True and nothing was applied; " + "\n".join(parts) + "\nPass strict=False to skip these layers.")
+    return unmatched
+
+
+def _commit(patch: Patch, plan: _Plan) -> None:
+    """Change the model: swap in the fused tensors (fuse stages them all first) or install the hooks."""
+    if patch.mode == "fuse":
+        patch._backups = fuse(plan.fuse, patch._strengths)
+        patch.report.touched_tensors = len(patch._backups)
+    else:
+        for state in plan.hooks.values():
+            patch._handles.append(state.module.register_forward_hook(state))
+        patch.report.touched_tensors = sum(len(s.branches) for s in plan.hooks.values())
+
+
+def _warn_skipped(report: ApplyReport, unmatched: list[str]) -> None:
+    skipped = unmatched + [f"{k} (shape mismatch)" for k in sorted(
+        f"{label}: {name}" for label, d in report.shape_mismatches.items() for name in d)]
+    if skipped:
+        warnings.warn(
+            f"{len(skipped)} LoRA layer(s) were not applied:\n  " + "\n  ".join(skipped)
+            + "\nPass strict=True to make this an error.",
+            stacklevel=3,
+        )
 
 
 def apply(
@@ -309,83 +395,17 @@ def apply(
     resolver = Resolver(components)
     report = ApplyReport(mode=mode, families=list(resolver.index.families))
     patch = Patch(mode, items, report, components)
-
-    fuse_plan: dict[int, tuple[nn.Parameter, list[Contribution]]] = {}
-    hook_states: dict[int, HookState] = {}
-    touched: set[int] = set()
-    for i, (lora, strength) in enumerate(items):
-        label = _label(lora, i)
-        res = resolver.resolve(lora)
-        report.unmatched[label] = sorted(layer.name for layer in res.unmatched)
-        report.matched[label] = {}
-        report.shape_mismatches[label] = {}
-        for layer, targets in res.matched:
-            try:
-                if mode == "fuse":
-                    pieces = [] if strength == 0.0 else _fuse_pieces(layer, targets, resolver)
-                else:
-                    base = _fused_base(layer, targets, resolver)
-                    branches = [(t, _module(resolver, t), make_branch(layer, t, _module(resolver, t), base))
-                                for t in targets]
-            except ShapeMismatchError as exc:
-                report.shape_mismatches[label][layer.name] = str(exc)
-                continue
-            report.matched[label][layer.name] = [f"{t.component}:{t.module}" for t in targets]
-            patch._lora_params += layer.parameters()
-            if mode == "fuse":
-                for param, contrib in pieces:
-                    contrib.lora = i
-                    fuse_plan.setdefault(id(param), (param, []))[1].append(contrib)
-            else:
-                for t, module, branch in branches:
-                    state = hook_states.get(id(module))
-                    if state is None:
-                        state = hook_states[id(module)] = HookState(module, patch._strengths)
-                    state.branches.append((i, branch, t.dst_rows))
-            touched.update(id(_module(resolver, t)) for t in targets)
-
-    n_matched = sum(len(v) for v in report.matched.values())
-    unmatched = report.all_unmatched()
-    if n_matched == 0:
-        sample = ", ".join(unmatched[:10]) + (" ..." if len(unmatched) > 10 else "")
-        problems = _mismatch_message(report)
-        raise MatchError(
-            f"no layer of the LoRA(s) matched a module of the {type(target).__name__} "
-            f"(components: {', '.join(components)}; unmatched: {sample or '-'}"
-            + (f"; shape mismatches:\n  {problems}" if problems else "")
-            + "). Is it a LoRA for another model family?"
-        )
-    if strict and (unmatched or any(report.shape_mismatches.values())):
-        parts = []
-        if unmatched:
-            parts.append(f"{len(unmatched)} layer(s) matched no module:\n  " + "\n  ".join(unmatched))
-        if any(report.shape_mismatches.values()):
-            parts.append("shape mismatches:\n  " + _mismatch_message(report))
-        raise MatchError("strict=True and nothing was applied; " + "\n".join(parts) + "\nPass strict=False to skip these layers.")
-
-    # Everything is computed and checked: now change the model (fuse itself stages before swapping).
-    if mode == "fuse":
-        patch._backups = fuse(fuse_plan, patch._strengths)
-        report.touched_tensors = len(patch._backups)
-    else:
-        for state in hook_states.values():
-            patch._handles.append(state.module.register_forward_hook(state))
-        report.touched_tensors = sum(len(s.branches) for s in hook_states.values())
+    plan = _plan(patch, resolver)
+    unmatched = _check_plan(report, target, components, strict)
+    _commit(patch, plan)  # everything is computed and checked: only now does the model change
     report.untouched_modules = sum(
         1
         for root in components.values()
         for m in root.modules()
-        if isinstance(getattr(m, "weight", None), torch.Tensor) and id(m) not in touched
+        if isinstance(getattr(m, "weight", None), torch.Tensor) and id(m) not in plan.touched
     )
     report.notes = family_notes(resolver, report, [lora for lora, _ in items])
-    skipped = unmatched + [f"{k} (shape mismatch)" for k in sorted(
-        f"{label}: {name}" for label, d in report.shape_mismatches.items() for name in d)]
-    if skipped:
-        warnings.warn(
-            f"{len(skipped)} LoRA layer(s) were not applied:\n  " + "\n  ".join(skipped)
-            + "\nPass strict=True to make this an error.",
-            stacklevel=2,
-        )
+    _warn_skipped(report, unmatched)
     for module in components.values():
         _STACKS.setdefault(module, []).append(patch)
     return patch

@@ -14,24 +14,13 @@ from typing import Any
 
 import lorakit
 from lorakit import io
-from lorakit.errors import LorakitError, SourceNotFoundError
+from lorakit.errors import ApiError, LorakitError, SourceNotFoundError
 from lorakit.model import LoRA
 
 __all__ = ["ApiError", "Registry", "sanitise_name"]
 
 # A local name: no separators, no leading dot, so it can never leave the LoRA folder.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-class ApiError(Exception):
-    """An error with an HTTP status and a machine-readable code, rendered as the JSON error envelope."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers or {}
 
 
 def sanitise_name(name: str) -> str:

@@ -11,26 +11,20 @@ against the real weights instead).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
-import torch
-
-from ..adapters import FullDiff, LoRAWeights
+from ..adapters import FullDiff, WeightAdapter
 from ..errors import UnsupportedAdapterError
+from ..families.base import Target
+from ..families.resolve import Resolver
+from ..formats.conventions import PEFT_PREFIX
 from ..model import Layer, LoRA
-from .base import Target
+from .delta import row_piece
 
 __all__ = ["to_model_layout"]
 
-_PREFIX = {"text_encoder": "text_encoder.", "text_encoder_2": "text_encoder_2.", "text_encoder_3": "text_encoder_3."}
 
-
-def _rows(t: torch.Tensor, target: Target) -> torch.Tensor:
-    from ..runtime.fuse import row_piece
-
-    return row_piece(t, target)
-
-
-def _split_weight(layer: Layer, target: Target):
+def _split_weight(layer: Layer, target: Target) -> WeightAdapter | None:
     w = layer.weight
     if w is None:
         return None
@@ -41,11 +35,12 @@ def _split_weight(layer: Layer, target: Target):
             f"{layer.name}: a DoRA layer on a fused projection can only be split against the base weights; "
             "apply it to the model (lorakit.apply) or merge it into the checkpoint instead of converting"
         )
-    if isinstance(w, LoRAWeights) and w.mid is None:
-        up_bias = None if w.up_bias is None else _rows(w.up_bias, target)
-        return dataclasses.replace(w, up=_rows(w.up, target), up_bias=up_bias)
+    # a row transform permutes rows: an adapter that can pick rows (a LoRA's ``up``) takes it exactly as well
+    sliced = w.slice_rows(functools.partial(row_piece, target=target))
+    if sliced is not None:
+        return sliced
     full = w.natural_delta()
-    return FullDiff(diff=_rows(full, target).contiguous())
+    return FullDiff(diff=row_piece(full, target).contiguous())
 
 
 def _moved(layer: Layer, target: Target, denoiser_prefix: str) -> Layer:
@@ -55,12 +50,13 @@ def _moved(layer: Layer, target: Target, denoiser_prefix: str) -> Layer:
             "a LoRA file cannot address part of a module — merge it into the checkpoint instead"
         )
     renames = dict(target.param_map)
-    bias = None if layer.bias is None else _rows(layer.bias, target)
-    prefix = denoiser_prefix if target.component == "denoiser" else _PREFIX.get(target.component, "")
+    bias = None if layer.bias is None else row_piece(layer.bias, target)
+    known = target.component in PEFT_PREFIX
+    prefix = denoiser_prefix if target.component == "denoiser" else (PEFT_PREFIX[target.component] if known else "")
     return dataclasses.replace(
         layer,
         name=prefix + target.module,
-        component=target.component if target.component in ("denoiser", *_PREFIX) else layer.component,
+        component=target.component if known else layer.component,
         path=target.module,
         flat=False,
         weight=_split_weight(layer, target),
@@ -69,9 +65,9 @@ def _moved(layer: Layer, target: Target, denoiser_prefix: str) -> Layer:
     )
 
 
-def to_model_layout(lora: LoRA, resolver, *, denoiser_prefix: str = "transformer.") -> tuple[LoRA, list[str]]:
+def to_model_layout(lora: LoRA, resolver: Resolver, *, denoiser_prefix: str = "transformer.") -> tuple[LoRA, list[str]]:
     """``(LoRA in the model's module names, names of the layers that matched nothing and were kept as-is)``.
-    ``resolver``: a :class:`lorakit.runtime.resolve.Resolver` over the model (or its meta-device copy)."""
+    ``resolver``: a :class:`lorakit.families.Resolver` over the model (or its meta-device copy)."""
     layers: dict[str, Layer] = {}
     unmatched: list[str] = []
     for layer in lora:
