@@ -12,6 +12,7 @@ import re
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,6 +25,7 @@ __all__ = [
     "check_not_input",
     "parse_lora_spec",
     "read_metadata",
+    "read_safetensors_header",
     "read_tensors",
     "resolve_source",
     "write_tensors",
@@ -114,17 +116,28 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return tensors, metadata
 
 
+def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], int]:
+    """``(header dict, byte offset where the tensor data starts)`` of a safetensors file, read without mapping it."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) != 8:
+                raise FormatError(f"{path} is too short to be a safetensors file")
+            size = int.from_bytes(raw, "little")
+            if size <= 0 or size > 100 * 1024 * 1024:
+                raise FormatError(f"{path} has an implausible safetensors header size ({size} bytes)")
+            header = json.loads(fh.read(size))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FormatError(f"{path} is not a readable safetensors file: {exc}") from exc
+    if not isinstance(header, dict):
+        raise FormatError(f"{path} is not a readable safetensors file: its header is not a JSON object")
+    return header, 8 + size
+
+
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """The ``__metadata__`` string table of a safetensors file (empty for other files)."""
-    path = Path(path)
-    with open(path, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) != 8:
-            raise FormatError(f"{path} is too short to be a safetensors file")
-        size = int.from_bytes(raw, "little")
-        if size <= 0 or size > 100 * 1024 * 1024:
-            raise FormatError(f"{path} has an implausible safetensors header size ({size} bytes)")
-        header = json.loads(fh.read(size))
+    header, _ = read_safetensors_header(path)
     meta = header.get("__metadata__") or {}
     return {str(k): str(v) for k, v in meta.items()}
 

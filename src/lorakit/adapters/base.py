@@ -32,6 +32,12 @@ class LowRank:
     up: torch.Tensor
     down: torch.Tensor
     scale: float
+    #: the shape of one row of ΔW (``[in]``, or ``[in, kh, kw]`` for a conv): ``down`` unflattens to ``[r, *in_shape]``
+    in_shape: tuple[int, ...] = ()
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -127,6 +133,11 @@ class WeightAdapter:
     def delta_numel(self) -> int:
         """Elements of ``ΔW``; types that can tell it from their shapes do so without computing the delta."""
         return self.natural_delta().numel()
+
+    @classmethod
+    def from_delta(cls, delta: torch.Tensor) -> WeightAdapter | None:
+        """An adapter of this type holding a dense delta exactly (full and norm diffs), else ``None``."""
+        return None
 
     def delta_bias(self) -> torch.Tensor | None:
         """fp32 delta on the module's bias that comes with the weight delta (PEFT ``lora_B.bias``), or ``None``."""

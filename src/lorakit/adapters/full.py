@@ -32,6 +32,10 @@ class FullDiff(WeightAdapter):
     def delta_numel(self) -> int:
         return self.diff.numel()
 
+    @classmethod
+    def from_delta(cls, delta: torch.Tensor) -> FullDiff:
+        return cls(delta)
+
 
 @register_adapter
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -53,6 +57,10 @@ class NormDiff(WeightAdapter):
 
     def delta_numel(self) -> int:
         return self.w_norm.numel()
+
+    @classmethod
+    def from_delta(cls, delta: torch.Tensor) -> NormDiff:
+        return cls(delta)
 
     def unfused_problem(self, module: nn.Module) -> str | None:
         return "a norm delta (w_norm) has no unfused path: a norm is not linear in its weight alone"

@@ -74,7 +74,7 @@ class LoRAWeights(WeightAdapter):
         # Tucker (mid) and k×k ``up`` kernels do not flatten to one product
         if self.mid is not None or any(k != 1 for k in self.up.shape[2:]):
             return None
-        return LowRank(self.up.flatten(1), self.down.flatten(1), self.scale)
+        return LowRank(self.up.flatten(1), self.down.flatten(1), self.scale, tuple(self.down.shape[1:]))
 
     def slice_rows(self, pick: RowPick) -> LoRAWeights:
         # ΔW's rows are ``up``'s rows times the shared ``down`` (and ``mid``): picking rows of ``up`` is exact

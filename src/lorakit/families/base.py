@@ -14,7 +14,7 @@ import dataclasses
 import enum
 import re
 from collections.abc import Iterable, Mapping
-from typing import ClassVar, Union
+from typing import ClassVar
 
 from torch import nn
 
@@ -81,7 +81,7 @@ class Target:
         return ModuleRef(self.component, self.module)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Alias:
     """An extra name for one module, or for row slices of several (a fused projection).
 
@@ -89,13 +89,16 @@ class Alias:
     ``blocks.N`` must carry ``param_map`` (``modulation`` -> ``scale_shift_table``)."""
 
     name: str
-    targets: tuple[Target, ...]
+    targets: list[Target]
     override: bool = False
 
     def __init__(self, name: str, targets: Target | Iterable[Target], override: bool = False) -> None:
         object.__setattr__(self, "name", name)
-        object.__setattr__(self, "targets", (targets,) if isinstance(targets, Target) else tuple(targets))
+        object.__setattr__(self, "targets", [targets] if isinstance(targets, Target) else list(targets))
         object.__setattr__(self, "override", bool(override))
+
+    def __iter__(self):  # unpacks like the ``(name, targets, override)`` tuples families once yielded
+        return iter((self.name, self.targets, self.override))
 
     @staticmethod
     def of(item: Alias | tuple) -> Alias:
@@ -103,7 +106,7 @@ class Alias:
         return item if isinstance(item, Alias) else Alias(*item)
 
 
-AliasLike = Union[Alias, tuple]
+AliasLike = Alias | tuple
 
 
 class NameIndex:

@@ -128,14 +128,14 @@ class Resolver:
 
     @classmethod
     def for_checkpoint(
-        cls, keys: Iterable[tuple[str | None, str]], route: Callable[[], Router | None] | None = None
+        cls, keys: Iterable[tuple[str | None, str]], route: Callable[[CheckpointNames], Router | None] | None = None
     ) -> Resolver:
-        """A resolver over a checkpoint's ``(component, tensor key)`` names. ``route`` builds (on the first
-        layer the names cannot place) a :class:`Router` through the family's meta-device model."""
+        """A resolver over a checkpoint's ``(component, tensor key)`` names. ``route`` builds, on the first
+        layer the names cannot place, a :class:`Router` through the family's meta-device model (e.g.
+        ``lambda names: checkpoint_router(names, loras, folder_model)``)."""
         resolver = cls({})
-        resolver.checkpoint = CheckpointNames(keys)
-        resolver._route_factory = route
-        resolver._router = None
+        names = resolver.checkpoint = CheckpointNames(keys)
+        resolver._route_factory = None if route is None else (lambda: route(names))
         return resolver
 
     @property

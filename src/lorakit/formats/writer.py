@@ -220,7 +220,7 @@ def _in_model_layout(lora: LoRA, model: object | None) -> LoRA:
         family = detect_family(lora)
         if family is None:
             return lora  # no family namespace to translate; flat names are resolved by _dotted_names
-    from ..families.layout import to_model_layout
+    from ..placement.layout import to_model_layout
     from ..runtime.resolve import Resolver, components_of
 
     if model is not None:

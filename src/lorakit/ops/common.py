@@ -6,27 +6,33 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import json
+import math
 import os
-import struct
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import FormatError, NonFiniteError, SourceNotFoundError
-from ..io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, read_tensors
-from ..model import Layer, LoRA
+from ..errors import FormatError, InternalError, NonFiniteError, SourceNotFoundError
+from ..families import Resolver, Target, checkpoint_router
+from ..families.offline import folder_denoiser
+from ..formats.conventions import PEFT_COMPONENT
+from ..io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, read_safetensors_header, read_tensors
+from ..model import LoRA
+
+# diffusers component folders holding the denoiser
+_DENOISER_FOLDERS = ("unet", "transformer", "prior")
 
 __all__ = [
     "ST_DTYPES",
     "Checkpoint",
-    "ModuleIndex",
     "OpResult",
     "Progress",
     "TensorInfo",
+    "checkpoint_resolver",
     "load_lora",
+    "module_tensors",
     "parse_dtype",
     "save_lora",
 ]
@@ -102,22 +108,9 @@ class TensorInfo:
 
 def read_st_header(path: Path) -> tuple[dict[str, Any], int]:
     """(header dict, byte offset where tensor data starts) of a safetensors file."""
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read(8)
-            if len(raw) != 8:
-                raise FormatError(f"{path} is too short to be a safetensors file")
-            (size,) = struct.unpack("<Q", raw)
-            if size <= 0 or size > 100 * 1024 * 1024:
-                raise FormatError(f"{path} has an implausible safetensors header size ({size} bytes)")
-            header = json.loads(fh.read(size))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FormatError(f"{path} is not a readable safetensors file: {exc}") from exc
-    return header, 8 + size
+    return read_safetensors_header(path)
 
 
-# diffusers component folder name -> canonical component (model.COMPONENTS)
-_FOLDER_COMPONENT = {"unet": "denoiser", "transformer": "denoiser", "prior": "denoiser"}
 
 
 class Checkpoint:
@@ -166,7 +159,7 @@ class Checkpoint:
         for sub in sorted(p for p in self.path.iterdir() if p.is_dir()):
             files = sorted(sub.glob("*.safetensors"))
             if files:
-                comp = _FOLDER_COMPONENT.get(sub.name, sub.name)
+                comp = PEFT_COMPONENT.get(sub.name, sub.name) if sub.name in _DENOISER_FOLDERS else sub.name
                 for f in self._preferred(files):
                     self._add_safetensors(f, comp)
 
@@ -206,8 +199,12 @@ class Checkpoint:
             return self._loaded[info.key]
         return read_st_tensor(info)
 
+    def keys(self) -> Iterator[tuple[str | None, str]]:
+        """``(component, tensor key)`` of every tensor: what a :class:`~lorakit.families.Resolver` resolves over."""
+        return iter(self.infos)
+
     def read_raw(self, info: TensorInfo) -> bytes | bytearray:
-        assert info.offsets is not None
+        _require_offsets(info)
         with open(info.file, "rb") as fh:
             fh.seek(info.offsets[0])
             buf = bytearray(info.offsets[1] - info.offsets[0])
@@ -215,8 +212,13 @@ class Checkpoint:
         return buf
 
 
+def _require_offsets(info: TensorInfo) -> None:
+    if info.offsets is None:
+        raise InternalError(f"{info.file}: tensor {info.key} is not in a safetensors file; read it through Checkpoint.read")
+
+
 def read_st_tensor(info: TensorInfo) -> torch.Tensor:
-    assert info.offsets is not None
+    _require_offsets(info)
     a, b = info.offsets
     if b == a:
         return torch.empty(info.shape, dtype=info.dtype)
@@ -243,73 +245,24 @@ def select(name: str, include: Iterable[str] | None, exclude: Iterable[str] | No
 
 # -- name matching ---------------------------------------------------------------------------------------
 
-_CKPT_PREFIXES = (
-    "model.diffusion_model.", "diffusion_model.", "cond_stage_model.transformer.", "unet.", "transformer.",
-    "text_encoder.", "model.",
-)
-_LORA_PREFIXES = (
-    "lora_unet_", "lora_transformer_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lycoris_",
-    "base_model.model.", "unet.", "transformer.", "text_encoder_2.", "text_encoder_3.", "text_encoder.",
-    "model.diffusion_model.", "diffusion_model.",
-)
+def checkpoint_resolver(ckpt: Checkpoint, loras: Iterable[LoRA] = ()) -> Resolver:
+    """The :class:`~lorakit.families.Resolver` over ``ckpt``'s tensor names. Layers whose names the checkpoint
+    does not have are routed (on first need) through the family of the checkpoint, else of ``loras``: a
+    diffusers folder's own ``config.json`` gives the exact meta-device model."""
+    loras = list(loras)
+    return Resolver.for_checkpoint(
+        ckpt.keys(), route=lambda names: checkpoint_router(names, loras, folder_denoiser(ckpt.path))
+    )
 
 
-def _flat(name: str) -> str:
-    return name.replace(".", "_")
-
-
-class ModuleIndex:
-    """Resolves a LoRA layer to a checkpoint module path ``P`` (which owns ``P.weight``/``P.bias``), by
-    exact dotted names and kohya-flattened names, with or without ``diffusion_model.``-style prefixes."""
-
-    def __init__(self, ckpt: Checkpoint):
-        self.ckpt = ckpt
-        self.params: dict[tuple[str | None, str], dict[str, TensorInfo]] = {}
-        self._alias: dict[str, list[tuple[str | None, str]]] = {}
-        for info in ckpt:
-            if "." not in info.key:
-                continue
-            module, param = info.key.rsplit(".", 1)
-            self.params.setdefault((info.component, module), {})[param] = info
-        for comp, module in self.params:
-            names = {module}
-            for p in _CKPT_PREFIXES:
-                if module.startswith(p):
-                    names.add(module[len(p):])
-            for n in names:
-                for alias in {n, _flat(n)}:
-                    lst = self._alias.setdefault(alias, [])
-                    if (comp, module) not in lst:
-                        lst.append((comp, module))
-
-    def resolve(self, layer: Layer) -> tuple[str | None, str] | None:
-        cands: list[str] = []
-        for n in (layer.path, layer.name):
-            if not n:
-                continue
-            cands.append(n)
-            for p in _LORA_PREFIXES:
-                if n.startswith(p):
-                    cands.append(n[len(p):])
-        for c in cands:
-            for alias in (c, _flat(c)):
-                hits = self._alias.get(alias)
-                if not hits:
-                    continue
-                if len(hits) > 1 and layer.component is not None:
-                    same = [h for h in hits if h[0] == layer.component]
-                    hits = same or hits
-                if len(hits) > 1:
-                    den = [h for h in hits if h[0] in (None, "denoiser")]
-                    hits = den or hits
-                return hits[0]
-        return None
+def module_tensors(ckpt: Checkpoint, resolver: Resolver, target: Target) -> dict[str, TensorInfo]:
+    """``{param name: tensor}`` of the checkpoint module a target names."""
+    params = resolver.checkpoint.params.get((target.component, target.module), {}) if resolver.checkpoint else {}
+    return {p: ckpt.infos[(target.component, key)] for p, key in params.items()}
 
 
 # -- LoRA files ------------------------------------------------------------------------------------------
 
-# kohya/LyCORIS and PEFT spellings -> canonical field (FORMATS.md §2.1). Used only when lorakit.formats is
-# not importable; files written by save_lora() use these spellings.
 def load_lora(source: str | os.PathLike[str] | LoRA) -> LoRA:
     """A LoRA object from a path / hub reference (through :func:`lorakit.load`), or the object itself."""
     if isinstance(source, LoRA):
@@ -317,25 +270,6 @@ def load_lora(source: str | os.PathLike[str] | LoRA) -> LoRA:
     from ..formats import load
 
     return load(source)
-
-
-def kohya_name(layer: Layer) -> str:
-    """The kohya spelling of a layer name (prefix + flattened path). Names without a known component
-    (LightX2V ``diffusion_model.blocks.0.q``) keep their dotted spelling with kohya suffixes, as written."""
-    if layer.flat or "." not in layer.name or layer.component is None:
-        return layer.name
-    prefix = {"denoiser": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_",
-              "text_encoder_3": "lora_te3_"}.get(layer.component, f"lora_{layer.component}_")
-    return prefix + _flat(layer.path)
-
-
-def peft_name(layer: Layer) -> str:
-    if layer.flat:
-        raise FormatError(
-            f"{layer.name}: a kohya-flattened name cannot be written in PEFT spelling without the model's module "
-            "names; write format='kohya' instead"
-        )
-    return layer.name
 
 
 def save_lora(
@@ -353,8 +287,5 @@ def save_lora(
 
 
 def shape_numel(shape: Iterable[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
+    return math.prod(int(s) for s in shape)
 

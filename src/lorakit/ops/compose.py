@@ -9,16 +9,20 @@ from collections.abc import Sequence
 
 import torch
 
-from ..adapters import FullDiff, LoRAWeights, NormDiff, WeightAdapter
+from ..adapters import FullDiff, LoRAWeights, WeightAdapter
 from ..errors import ShapeMismatchError, UnsupportedAdapterError
+from ..families import Resolver
+from ..formats.conventions import kohya_name
 from ..io import check_not_input
 from ..model import Layer, LoRA
-from .common import Checkpoint, ModuleIndex, OpResult, Progress, kohya_name, load_lora, save_lora
+from ..placement import WHOLE, weight_delta
+from .common import Checkpoint, OpResult, Progress, checkpoint_resolver, load_lora, module_tensors, save_lora
 from .svd import factorise, factorise_product, fro_norm, product_norm
 
 __all__ = ["clamp_factors", "compose"]
 
-_QUANTILE_SAMPLE = 1 << 22  # torch.quantile refuses > 2^24 elements (kohya #1485): estimate on a sample
+_QUANTILE_SAMPLE = 1 << 22
+_STAT_KIND = {"full": "diff", "norm": "w_norm"}  # the file spelling of a dense delta type  # torch.quantile refuses > 2^24 elements (kohya #1485): estimate on a sample
 
 
 def clamp_factors(up: torch.Tensor, down: torch.Tensor, q: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,6 +34,13 @@ def clamp_factors(up: torch.Tensor, down: torch.Tensor, q: float) -> tuple[torch
         values = values[torch.randint(values.numel(), (_QUANTILE_SAMPLE,), generator=gen)]
     h = float(torch.quantile(values, q))
     return up.clamp(-h, h), down.clamp(-h, h)
+
+
+def _kohya_name(layer: Layer) -> str:
+    """The in-memory name of a composed layer (the writer spells the file's keys from component and path)."""
+    if layer.flat or "." not in layer.name or layer.component is None:
+        return layer.name
+    return kohya_name(layer.component, layer.path)
 
 
 def _key(layer: Layer) -> tuple[str | None, str]:
@@ -73,14 +84,15 @@ def compose(
     for lora, s in parsed:
         for layer in lora:
             groups.setdefault(_key(layer), []).append((s, layer))
-    base_index = ModuleIndex(Checkpoint(base)) if base is not None else None
+    base_ckpt = Checkpoint(base) if base is not None else None
+    base_index = (base_ckpt, checkpoint_resolver(base_ckpt)) if base_ckpt is not None else None
     layers: dict[str, Layer] = {}
     stats: list[dict] = []
     for n, items in enumerate(groups.values()):
         if progress:
             progress("compose", n, len(groups))
         first = items[0][1]
-        name = kohya_name(first)
+        name = _kohya_name(first)
         stat: dict = {"layer": name, "inputs": len(items)}
         weighted = [(s, la) for s, la in items if la.weight is not None]
         weight = None
@@ -116,22 +128,18 @@ def _compose_weight(
     weighted: list[tuple[float, Layer]],
     rank: int | None,
     clamp_q: float | None,
-    base_index: ModuleIndex | None,
+    base_index: tuple[Checkpoint, Resolver] | None,
     stat: dict,
 ) -> WeightAdapter:
-    kinds = {la.weight.kind for _, la in weighted}
-    if kinds == {"norm"}:
-        stat.update(kind="w_norm", rel_error=0.0)
-        return NormDiff(sum(s * la.weight.natural_delta() for s, la in weighted))
-    plain = kinds == {"lora"} and all(la.weight.mid is None and la.dora is None for _, la in weighted)
-    if plain:
-        trail = _trail([tuple(la.weight.down.shape[1:]) for _, la in weighted], name)
-        out_dims = {int(la.weight.up.shape[0]) for _, la in weighted}
+    factors = [(s, la.weight.low_rank()) for s, la in weighted if la.dora is None]
+    if len(factors) == len(weighted) and all(lr is not None for _, lr in factors):
+        trail = _trail([lr.in_shape for _, lr in factors], name)
+        out_dims = {int(lr.up.shape[0]) for _, lr in factors}
         if len(out_dims) != 1:
             raise ShapeMismatchError(f"{name}: the LoRAs disagree on the layer's output size {sorted(out_dims)}")
         # Strength and alpha/r go into up once each (kohya's merge scales both factors: s² effect).
-        downs = torch.cat([la.weight.down.float().reshape(la.weight.rank, -1) for _, la in weighted], 0)
-        ups = torch.cat([la.weight.up.float().flatten(1) * (s * la.weight.scale) for s, la in weighted], 1)
+        downs = torch.cat([lr.down.float() for _, lr in factors], 0)
+        ups = torch.cat([lr.up.float() * (s * lr.scale) for s, lr in factors], 1)
         total = downs.shape[0]
         if rank is None or total <= rank:
             if clamp_q is None:
@@ -155,11 +163,13 @@ def _compose_weight(
             if base_index is None:
                 raise UnsupportedAdapterError(f"{la.name}: a DoRA delta depends on the base weight; pass base=<checkpoint> "
                                               "(CLI: --base) to compose it")
-            hit = base_index.resolve(la)
-            if hit is None or "weight" not in base_index.params[hit]:
-                raise ShapeMismatchError(f"{la.name}: no weight for this DoRA layer in {base_index.ckpt.path}")
-            w = base_index.ckpt.read(base_index.params[hit]["weight"])
-            d = la.delta_weight(base=w)
+            ckpt, resolver = base_index
+            hit = resolver.direct(la)
+            info = None if hit is None else module_tensors(ckpt, resolver, hit[0]).get("weight")
+            if info is None:
+                raise ShapeMismatchError(f"{la.name}: no weight for this DoRA layer in {ckpt.path}")
+            w = ckpt.read(info)
+            d = weight_delta(la, WHOLE, w)
         else:
             d = la.weight.natural_delta()
         if dense is not None and d.numel() != dense.numel():
@@ -167,9 +177,12 @@ def _compose_weight(
         if dense is not None and d.dim() > dense.dim():
             dense = dense.reshape(d.shape)
         dense = s * d if dense is None else dense + s * d.reshape(dense.shape)
-    if rank is None:
-        stat.update(kind="diff", rel_error=0.0, method="dense")
-        return FullDiff(dense)
+    if rank is None or dense.dim() < 2:
+        # the sum of one dense type stays that type (norm diffs stay norm diffs), anything else a full diff
+        types = {type(la.weight) for _, la in weighted}
+        composed = (types.pop().from_delta(dense) if len(types) == 1 else None) or FullDiff(dense)
+        stat.update(kind=_STAT_KIND.get(composed.kind, composed.kind), rel_error=0.0, method="dense")
+        return composed
     mat = dense.reshape(dense.shape[0], -1)
     f = factorise(mat, rank=rank)
     up, down, err = f.up, f.down, f.rel_error

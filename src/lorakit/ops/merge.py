@@ -4,6 +4,8 @@ once) and written before the next is read, so peak memory is about the largest t
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
 import os
 import shutil
@@ -14,166 +16,184 @@ from pathlib import Path
 
 import torch
 
-from ..errors import MatchError, OverwriteError, ShapeMismatchError
+from ..errors import InternalError, MatchError, OverwriteError, ShapeMismatchError
+from ..families import Resolver, Target
 from ..io import (
     atomic_output,
     check_not_input,
     parse_lora_spec,  # re-exported: the CLI and the library share one parser
 )
-from ..model import LoRA
+from ..model import Layer, LoRA
+from ..placement import bias_delta, weight_delta
 from .common import (
     ST_NAMES,
     Checkpoint,
-    ModuleIndex,
     OpResult,
     Progress,
     TensorInfo,
     check_finite,
+    checkpoint_resolver,
     load_lora,
+    module_tensors,
     parse_dtype,
     read_st_header,
     shape_numel,
 )
 
-__all__ = ["merge", "parse_lora_spec"]
+__all__ = ["DeltaKind", "PlanEntry", "merge", "parse_lora_spec", "plan_merge"]
 
 
-def _delta_numel(layer) -> int | None:
-    """Elements of the layer's weight delta without computing it (None when only computing tells)."""
-    w = layer.weight
-    if w is None:
-        return None
-    if w.kind == "lora":
-        if w.mid is not None:
-            return int(w.up.shape[0]) * int(w.down.shape[1]) * shape_numel(w.mid.shape[2:])
-        return int(w.up.shape[0]) * shape_numel(w.down.shape[1:])
-    if w.kind in ("full", "norm"):
-        return next(iter(w.tensors().values())).numel()
-    return w.natural_delta().numel()
+class DeltaKind(str, enum.Enum):
+    """Which tensor of a module a planned delta lands on."""
+
+    WEIGHT = "weight"
+    BIAS = "bias"
+    PARAM = "param"  # another parameter: Wan modulation / scale_shift_table ...
 
 
-# key -> list of (strength, layer, what) where what is "weight", "bias" or a param name
-Plan = dict[tuple[str | None, str], list[tuple[float, object, str, object]]]
+@dataclasses.dataclass(frozen=True)
+class PlanEntry:
+    """One LoRA layer's delta on one checkpoint tensor (``param`` of ``target.module``, rows ``target.dst_rows``)."""
+
+    strength: float
+    layer: Layer
+    kind: DeltaKind
+    param: str
+    target: Target
+    #: placed through the family router (fused/split rows, row transforms, renamed parameters)
+    routed: bool = False
+
+    def delta(self, w: torch.Tensor) -> torch.Tensor:
+        """fp32 delta (strength 1) of this entry for checkpoint tensor ``w``, shaped like the rows it lands on."""
+        if self.kind is DeltaKind.WEIGHT:
+            return weight_delta(self.layer, self.target, w)
+        if self.kind is DeltaKind.BIAS:
+            return bias_delta(self.layer, self.target)
+        inverse = {b: a for a, b in self.target.param_map}
+        return self.layer.params[inverse.get(self.param, self.param)].float()
 
 
-def _rows_fit(layer, target, info: TensorInfo) -> str | None:
+#: checkpoint tensor ``(component, key)`` -> the deltas landing on it
+Plan = dict[tuple[str | None, str], list[PlanEntry]]
+
+
+@dataclasses.dataclass
+class _LoraMatches:
+    targets: dict[str, list[Target]] = dataclasses.field(default_factory=dict)
+    routed: set[str] = dataclasses.field(default_factory=set)
+    unmatched: list[str] = dataclasses.field(default_factory=list)
+
+
+def _rows_fit(layer: Layer, target: Target, info: TensorInfo) -> str | None:
     """Why a routed delta does not fit its checkpoint tensor rows (None when it does)."""
     w = layer.weight
     if w is None:
         return None
     rows_src = (target.src_rows[1] - target.src_rows[0]) if target.src_rows else w.out_features()
     rows_dst = (target.dst_rows[1] - target.dst_rows[0]) if target.dst_rows else info.shape[0]
-    numel = _delta_numel(layer)
+    numel = w.delta_numel()
     cols = shape_numel(info.shape[1:])
-    if rows_src != rows_dst or (numel is not None and numel != w.out_features() * cols):
-        return (f"layer {layer.name} gives {rows_src} rows of {numel // max(1, w.out_features()) if numel else '?'} "
+    if rows_src != rows_dst or numel != w.out_features() * cols:
+        return (f"layer {layer.name} gives {rows_src} rows of {numel // max(1, w.out_features())} "
                 f"values for {rows_dst} rows of {info.ref} {info.shape}")
     return None
+
+
+def _match(resolver: Resolver, lora: LoRA) -> _LoraMatches:
+    found = _LoraMatches()
+    for layer in lora:
+        direct = resolver.direct(layer)
+        targets = direct or resolver.routed(layer)
+        if not targets:
+            found.unmatched.append(layer.name)
+            continue
+        found.targets[layer.name] = targets
+        if not direct:
+            found.routed.add(layer.name)
+    found.unmatched.sort()
+    return found
+
+
+def _wanted(layer: Layer, target: Target) -> list[tuple[DeltaKind, str, int]]:
+    """``(kind, checkpoint parameter, elements)`` of every delta the layer has for this target."""
+    out = []
+    if layer.weight is not None:
+        out.append((DeltaKind.WEIGHT, "weight", layer.weight.delta_numel()))
+    bias = layer.delta_bias()
+    if bias is not None:
+        out.append((DeltaKind.BIAS, "bias", bias.numel()))
+    renames = dict(target.param_map)
+    out.extend((DeltaKind.PARAM, renames.get(p, p), t.numel()) for p, t in layer.params.items())
+    return out
+
+
+def _plan_entry(label: str, ckpt: Checkpoint, resolver: Resolver, layer: Layer, target: Target, routed: bool,
+                strength: float, want: tuple[DeltaKind, str, int]) -> tuple[TensorInfo, PlanEntry]:
+    """Check that one delta fits its checkpoint tensor; raise ShapeMismatchError naming both when it does not."""
+    kind, param, numel = want
+    info = module_tensors(ckpt, resolver, target).get(param)
+    if info is None:
+        raise ShapeMismatchError(
+            f"{label}: layer {layer.name} has a {param} delta but {ckpt.path} has no tensor "
+            f"{target.module}.{param}; the LoRA does not fit this checkpoint."
+        )
+    if routed and kind is DeltaKind.WEIGHT:
+        if layer.dora is not None and (target.src_rows or target.transform):
+            raise ShapeMismatchError(
+                f"{label}: {layer.name} is a DoRA layer on a fused projection that the checkpoint "
+                f"stores split ({info.ref}); merge it into a checkpoint with the fused layout, or "
+                "apply it to the loaded model with lorakit.apply"
+            )
+        why = _rows_fit(layer, target, info)
+        if why:
+            raise ShapeMismatchError(f"{label}: {why}; the LoRA was trained for another model size.")
+    elif not routed and numel != shape_numel(info.shape):
+        raise ShapeMismatchError(
+            f"{label}: layer {layer.name} gives a delta of {numel} elements for {info.ref} of shape "
+            f"{info.shape}; the LoRA was trained for another model (or model size)."
+        )
+    return info, PlanEntry(strength, layer, kind, param, target, routed)
 
 
 def plan_merge(ckpt: Checkpoint, loras: Sequence[tuple[LoRA, float]], strict: bool = False) -> tuple[Plan, list[dict]]:
     """Resolve every LoRA layer to checkpoint tensors and check shapes, before any output is written. Names
     the checkpoint does not have are routed through the model family (fused/split projections, original vs
-    diffusers names: :mod:`lorakit.ops.routing`)."""
-    index = ModuleIndex(ckpt)
+    diffusers names: :class:`lorakit.families.Router`)."""
+    resolver = checkpoint_resolver(ckpt, [lo for lo, _ in loras])
     plan: Plan = {}
     report = []
-    router = None
-    router_done = False
     for lora, strength in loras:
         label = lora.source or "LoRA"
-        matches: dict[str, tuple[str | None, str]] = {}
-        routed: dict[str, list] = {}
-        unmatched: list[str] = []
-        for layer in lora:
-            hit = index.resolve(layer)
-            if hit is not None:
-                matches[layer.name] = hit
-                continue
-            if not router_done:
-                from .routing import router_for
-
-                router, router_done = router_for(ckpt, index, [lo for lo, _ in loras]), True
-            targets = router.route(layer) if router is not None else None
-            if targets:
-                routed[layer.name] = targets
-            else:
-                unmatched.append(layer.name)
-        unmatched.sort()
-        if not matches and not routed:
-            some = ", ".join(unmatched[:3])
+        found = _match(resolver, lora)
+        if not found.targets:
+            some = ", ".join(found.unmatched[:3])
             raise MatchError(
                 f"{label}: none of its {len(lora)} layers matches a module of {ckpt.path} (e.g. {some}). "
                 "Is it a LoRA for another model family, or does the checkpoint use another naming scheme?"
             )
-        if strict and unmatched:
-            raise MatchError(f"{label}: {len(unmatched)} layers match no module of {ckpt.path}: {', '.join(unmatched[:10])}")
+        if strict and found.unmatched:
+            raise MatchError(f"{label}: {len(found.unmatched)} layers match no module of {ckpt.path}: "
+                             f"{', '.join(found.unmatched[:10])}")
         for layer in lora:
-            hits = [(matches[layer.name], None)] if layer.name in matches else [
-                ((t.component, t.module), t) for t in routed.get(layer.name, ())]
-            for hit, target in hits:
-                params = index.params[hit]
-                wanted = []
-                if layer.weight is not None:
-                    wanted.append(("weight", _delta_numel(layer)))
-                if layer.delta_bias() is not None:
-                    wanted.append(("bias", layer.delta_bias().numel()))
-                renames = dict(target.param_map) if target is not None else {}
-                for p, t in layer.params.items():
-                    wanted.append((renames.get(p, p), t.numel()))
-                for what, numel in wanted:
-                    info = params.get(what)
-                    if info is None:
-                        raise ShapeMismatchError(
-                            f"{label}: layer {layer.name} has a {what} delta but {ckpt.path} has no tensor "
-                            f"{hit[1]}.{what}; the LoRA does not fit this checkpoint."
-                        )
-                    if target is not None and what == "weight":
-                        if layer.dora is not None and (target.src_rows or target.transform):
-                            raise ShapeMismatchError(
-                                f"{label}: {layer.name} is a DoRA layer on a fused projection that the checkpoint "
-                                f"stores split ({info.ref}); merge it into a checkpoint with the fused layout, or "
-                                "apply it to the loaded model with lorakit.apply"
-                            )
-                        why = _rows_fit(layer, target, info)
-                        if why:
-                            raise ShapeMismatchError(f"{label}: {why}; the LoRA was trained for another model size.")
-                    elif target is None and numel is not None and numel != shape_numel(info.shape):
-                        raise ShapeMismatchError(
-                            f"{label}: layer {layer.name} gives a delta of {numel} elements for {info.ref} of shape "
-                            f"{info.shape}; the LoRA was trained for another model (or model size)."
-                        )
-                    plan.setdefault((info.component, info.key), []).append((strength, layer, what, target))
-        report.append({"lora": label, "strength": strength, "matched": len(matches) + len(routed),
-                       "routed": len(routed), "family": router.family if router is not None and routed else None,
-                       "unmatched": unmatched})
+            routed = layer.name in found.routed
+            for target in found.targets.get(layer.name, ()):
+                for want in _wanted(layer, target):
+                    info, entry = _plan_entry(label, ckpt, resolver, layer, target, routed, strength, want)
+                    plan.setdefault((info.component, info.key), []).append(entry)
+        router = resolver.router if found.routed else None
+        report.append({"lora": label, "strength": strength, "matched": len(found.targets),
+                       "routed": len(found.routed), "family": None if router is None else router.family,
+                       "unmatched": found.unmatched})
     return plan, report
 
 
-def _patched(w: torch.Tensor, ops: list, info: TensorInfo, out_dtype: torch.dtype) -> torch.Tensor:
-    from ..placement import bias_delta, weight_delta
-
+def _patched(w: torch.Tensor, entries: list[PlanEntry], info: TensorInfo, out_dtype: torch.dtype) -> torch.Tensor:
     acc = w.to(torch.float32, copy=True)  # never write into the tensor read (a loaded .pt keeps it)
-    for strength, layer, what, target in ops:
-        if target is not None:
-            # routed: rows `src_rows` of the layer's delta (row order fixed by `transform`) onto rows `dst_rows`
-            if what == "weight":
-                delta = weight_delta(layer, target, w)
-            elif what == "bias":
-                delta = bias_delta(layer, target)
-            else:
-                inverse = {b: a for a, b in target.param_map}
-                delta = layer.params[inverse.get(what, what)].float()
-            view = acc if target.dst_rows is None or what not in ("weight", "bias") else acc[target.dst_rows[0]:target.dst_rows[1]]
-            view += strength * delta.reshape(view.shape)
-            continue
-        if what == "weight":
-            delta = layer.delta_weight(base=w) if layer.dora is not None else layer.delta_weight(shape=tuple(w.shape))
-        elif what == "bias":
-            delta = layer.delta_bias()
-        else:
-            delta = layer.params[what].float()
-        acc = acc + strength * delta.reshape(acc.shape)  # strengths and deltas in fp32, rounded once below
+    for e in entries:
+        # rows `src_rows` of the layer's delta (row order fixed by `transform`) onto rows `dst_rows`
+        rows = e.target.dst_rows if e.kind is not DeltaKind.PARAM else None
+        view = acc if rows is None else acc[rows[0]:rows[1]]
+        view += e.strength * e.delta(w).reshape(view.shape)  # strengths and deltas in fp32, rounded once below
     check_finite(acc, f"merged tensor {info.ref}")
     return acc.to(out_dtype)
 
@@ -217,7 +237,8 @@ def _stream_file(ckpt: Checkpoint, file: Path, dest: Path, plan: Plan, out_dtype
                 t = _patched(w, ops, info, dtypes[info.key]) if ops else w.to(dtypes[info.key])
                 patched += bool(ops)
                 data = t.contiguous().reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
-                assert len(data) == size
+                if len(data) != size:
+                    raise InternalError(f"{info.ref}: {len(data)} bytes to write where the header says {size}")
                 out.write(memoryview(data))
                 del w, t, data
             counter[0] += 1

@@ -46,19 +46,20 @@ def resize(
         if progress:
             progress("resize", n, len(lora))
         w = layer.weight
-        if w is None or w.kind == "norm":
+        if w is None:
             layers[layer.name] = layer
             continue
         stat = {"layer": layer.name, "kind": w.kind, "old_rank": w.rank}
-        if w.kind == "lora" and w.mid is None:
-            if not adaptive and rank >= w.rank:
-                stat.update(new_rank=w.rank, energy=1.0, rel_error=0.0)
+        lr = w.low_rank()
+        if lr is not None:
+            if not adaptive and rank >= lr.rank:
+                stat.update(new_rank=lr.rank, energy=1.0, rel_error=0.0)
                 layers[layer.name] = layer
                 stats.append(stat)
                 continue
-            trail = tuple(w.down.shape[1:])
-            f = factorise_product(w.up.float().flatten(1) * w.scale, w.down.float().reshape(w.rank, -1),
-                                  rank=rank, energy=energy, max_error=max_error)
+            trail = lr.in_shape
+            f = factorise_product(lr.up.float() * lr.scale, lr.down.float(), rank=rank, energy=energy,
+                                  max_error=max_error)
         else:
             # Tucker / LoHa / LoKr / full diff: the delta itself is the thing to approximate.
             delta = w.natural_delta()
@@ -75,14 +76,12 @@ def resize(
         k = max(f.rank, 1)
         down = f.down[:k] if f.rank else torch.zeros(1, f.down.shape[1])
         up = f.up[:, :k] if f.rank else torch.zeros(f.up.shape[0], 1)
+        # PEFT lora_B.bias was scaled by the old alpha/r; keep its effect under the new scale 1.
         new = LoRAWeights(
             down=down.reshape(k, *trail).contiguous(),
             up=up.reshape(up.shape[0], k, *([1] * (len(trail) - 1))).contiguous(),
-            alpha=float(k), up_bias=getattr(w, "up_bias", None),
+            alpha=float(k), up_bias=w.delta_bias(),
         )
-        if new.up_bias is not None:
-            # PEFT lora_B.bias was scaled by the old alpha/r; keep its effect under the new scale 1.
-            new = dataclasses.replace(new, up_bias=w.up_bias.float() * w.scale)
         stat.update(new_rank=k, energy=f.energy, rel_error=f.rel_error, bound_met=f.bound_met)
         layers[layer.name] = dataclasses.replace(layer, weight=new)
         stats.append(stat)

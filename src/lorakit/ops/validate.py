@@ -15,7 +15,8 @@ import torch
 
 from ..io import atomic_output
 from ..model import LoRA
-from .common import Checkpoint, ModuleIndex, OpResult, Progress, check_finite, load_lora
+from ..placement import WHOLE, bias_delta, weight_delta
+from .common import Checkpoint, OpResult, Progress, check_finite, checkpoint_resolver, load_lora
 from .svd import randomized_svd
 
 __all__ = ["DEFAULT_THRESHOLD", "validate", "write_report"]
@@ -41,15 +42,15 @@ def validate(
     success rate; a LoRA layer on an unchanged tensor is listed as ``spurious`` with its absolute norm."""
     lo = load_lora(lora)
     b_ck, t_ck = Checkpoint(base), Checkpoint(tuned)
-    index = ModuleIndex(b_ck)
+    resolver = checkpoint_resolver(b_ck)
     predicted: dict[tuple[str | None, str], tuple[object, str]] = {}
     unmatched = []
     for layer in lo:
-        hit = index.resolve(layer)
+        hit = resolver.direct(layer)
         if hit is None:
             unmatched.append(layer.name)
             continue
-        comp, module = hit
+        comp, module = hit[0].component, hit[0].module
         if layer.weight is not None:
             predicted[(comp, module + ".weight")] = (layer, "weight")
         if layer.delta_bias() is not None:
@@ -81,9 +82,9 @@ def validate(
         else:
             layer, what = pred
             if what == "weight":
-                approx = layer.delta_weight(base=b) if layer.dora is not None else layer.delta_weight(shape=tuple(b.shape))
+                approx = weight_delta(layer, WHOLE, b)
             elif what == "bias":
-                approx = layer.delta_bias()
+                approx = bias_delta(layer, WHOLE)
             else:
                 approx = layer.params[what].float()
             approx = strength * approx.reshape(true.shape)

@@ -2,7 +2,7 @@
 newest first. ``apply`` resolves names through :mod:`lorakit.families`.
 """
 
-from .patch import ApplyReport, Patch, PatchOrderError, apply
 from ..families.resolve import GENERIC, Resolver, components_of
+from .patch import ApplyReport, Patch, PatchOrderError, apply
 
 __all__ = ["GENERIC", "ApplyReport", "Patch", "PatchOrderError", "Resolver", "apply", "components_of"]

@@ -31,29 +31,6 @@ class Contribution:
 FusePlan = dict[int, tuple[nn.Parameter, list[Contribution]]]
 
 
-def low_rank_factors(layer: Layer, target: Target, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-    """``(up [rows, r], down [r, cols], scale)`` when ΔW rows = up @ down exactly (Linear, or 1x1 LoRA on
-    any conv whose kernel is 1x1 too), else ``None`` (then the delta is materialised)."""
-    w = layer.weight
-    if layer.dora is not None or target.transform is not None or not isinstance(w, LoRAWeights) or w.mid is not None:
-        return None
-    if any(k != 1 for k in w.up.shape[2:]):
-        return None
-    lr = _split_lora(layer, target) if target.src_rows is not None else w
-    if lr is None:
-        return None
-    down = lr.down.flatten(1)
-    dst = _dst_view(weight, target)
-    if lr.up.shape[0] != dst.shape[0] or down.shape[1] != dst[0].numel():
-        raise ShapeMismatchError(
-            f"{layer.name}: LoRA up {tuple(lr.up.shape)} / down {tuple(lr.down.shape)} does not fit a weight of shape "
-            f"{tuple(dst.shape)}" + (f" (rows {target.dst_rows} of {target.module})" if target.dst_rows else "")
-        )
-    if lr.down.dim() > 2 and tuple(lr.down.shape[2:]) != tuple(dst.shape[2:]) and dst.dim() > 2:
-        return None  # e.g. a 3x3 down on a 1x1 conv: let reshape_delta decide
-    return lr.up.flatten(1), down, lr.scale
-
-
 def fuse(plan: FusePlan, strengths: list[float]) -> list[tuple[nn.Parameter, torch.Tensor]]:
     """Compute every new tensor first (fp32, rounded once), check it, then swap all in.
 
