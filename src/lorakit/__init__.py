@@ -39,7 +39,7 @@ _LAZY = {
     "load": "lorakit.formats",
     "merge": "lorakit.ops",
     "resize": "lorakit.ops",
-    "save": "lorakit.formats",
+    "save": "lorakit.saving",
     "tiny_pipeline": "lorakit.pipelines",
     "validate": "lorakit.ops",
 }

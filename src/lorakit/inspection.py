@@ -4,6 +4,7 @@ adapter types, ranks, alphas, dtypes, parameters, components, target kinds, meta
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import Counter
 from collections.abc import Mapping
@@ -12,9 +13,12 @@ from typing import Any
 
 import torch
 
+from .families import Resolver, components_of, detect_family
+from .families.offline import meta_components
+from .formats import load
 from .model import LoRA
 
-__all__ = ["inspect", "module_kind"]
+__all__ = ["Coverage", "InspectResult", "inspect", "module_kind"]
 
 # Module-name fragments -> a kind, checked in order (first match wins).
 _KINDS = (
@@ -38,56 +42,98 @@ def module_kind(path: str) -> str:
     return "other"
 
 
-def inspect(source: str | os.PathLike[str] | Mapping[str, torch.Tensor] | LoRA, *, model: Any = None) -> dict[str, Any]:
-    """Summarise a LoRA. ``model`` (a module, pipeline or family name) adds matching coverage."""
-    from .formats import load
+@dataclasses.dataclass(frozen=True)
+class Coverage:
+    """How a LoRA lands on a model: matched / unmatched file layers and the model's untouched weighted modules."""
 
+    matched: int
+    unmatched: list[str]
+    touched_modules: int
+    weighted_modules: dict[str, int]
+    untouched_modules: int
+    untouched_by_component: dict[str, int]
+    families: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+
+@dataclasses.dataclass(frozen=True)
+class InspectResult:
+    """What :func:`inspect` found in a LoRA file; :meth:`to_dict` is the JSON form (``lorakit inspect --json``)."""
+
+    source: str | None
+    format: str
+    family: str | None
+    adapter_types: dict[str, int]
+    layers: int
+    ranks: dict[str, int]
+    rank_min: int | None
+    rank_max: int | None
+    alphas: dict[str | float | int, int]
+    dtypes: dict[str, int]
+    parameters: int
+    file_size: int | None
+    components: dict[str, int]
+    target_kinds: dict[str, int]
+    metadata: dict[str, str]
+    keys: int
+    report: dict[str, Any]
+    #: only when :func:`inspect` was given a model
+    coverage: Coverage | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The summary as a dict of JSON-ready values (``coverage`` only when a model was given)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "coverage"}
+        if self.coverage is not None:
+            out["coverage"] = self.coverage.to_dict()
+        return out
+
+    def __getitem__(self, key: str) -> Any:
+        # dict-style access, as when inspect() returned a dict
+        return self.to_dict()[key]
+
+
+def inspect(source: str | os.PathLike[str] | Mapping[str, torch.Tensor] | LoRA, *, model: Any = None) -> InspectResult:
+    """Summarise a LoRA. ``model`` (a module, pipeline or family name) adds matching coverage."""
     lora = load(source)
     ranks = lora.ranks()
-    alphas = Counter(
-        (layer.weight.alpha if layer.weight.alpha is not None else None) for layer in lora if layer.weight is not None
-    )
+    alphas = Counter(layer.weight.alpha for layer in lora if layer.weight is not None)
     size = None
     if lora.source and Path(lora.source).exists():
         size = Path(lora.source).stat().st_size
-    from .families import detect_family
-
-    family = detect_family(lora)
-    info: dict[str, Any] = {
-        "source": lora.source,
-        "format": lora.format,
-        "family": family,
-        "adapter_types": lora.adapter_types(),
-        "layers": len(lora),
-        "ranks": ranks,
-        "rank_min": min(ranks.values()) if ranks else None,
-        "rank_max": max(ranks.values()) if ranks else None,
-        "alphas": {("none" if k is None else _num(k)): v for k, v in sorted(alphas.items(), key=lambda kv: str(kv[0]))},
-        "dtypes": lora.dtypes(),
-        "parameters": lora.parameters(),
-        "file_size": size,
-        "components": {str(k): v for k, v in lora.components().items()},
-        "target_kinds": dict(sorted(Counter(module_kind(layer.path) for layer in lora).items())),
-        "metadata": dict(lora.metadata),
-        "keys": sum(len(layer.keys) for layer in lora) + len(lora.report.problems()),
-        "report": lora.report.to_dict(),
-    }
-    if model is not None:
-        info["coverage"] = _coverage(lora, model)
-    return info
+    return InspectResult(
+        source=lora.source,
+        format=lora.format,
+        family=detect_family(lora),
+        adapter_types=lora.adapter_types(),
+        layers=len(lora),
+        ranks=ranks,
+        rank_min=min(ranks.values()) if ranks else None,
+        rank_max=max(ranks.values()) if ranks else None,
+        alphas={("none" if k is None else _num(k)): v for k, v in sorted(alphas.items(), key=lambda kv: str(kv[0]))},
+        dtypes=lora.dtypes(),
+        parameters=lora.parameters(),
+        file_size=size,
+        components={str(k): v for k, v in lora.components().items()},
+        target_kinds=dict(sorted(Counter(module_kind(layer.path) for layer in lora).items())),
+        metadata=dict(lora.metadata),
+        keys=sum(len(layer.keys) for layer in lora) + len(lora.report.problems()),
+        report=lora.report.to_dict(),
+        coverage=None if model is None else _coverage(lora, model),
+    )
 
 
 def _num(x: float) -> float | int:
     return int(x) if float(x).is_integer() else float(x)
 
 
-def _coverage(lora: LoRA, model: Any) -> dict[str, Any]:
+def _coverage(lora: LoRA, model: Any) -> Coverage:
     """Matched / unmatched file layers and untouched weighted modules (per component) of ``model``."""
-    from .runtime.resolve import Resolver, components_of
-
     if isinstance(model, str):
-        from .families.offline import meta_components
-
         # only the components the file has (building a meta T5 for a UNet-only LoRA costs seconds)
         wanted = tuple({layer.component or "denoiser" for layer in lora} | {"denoiser"})
         comps = meta_components(model, wanted)
@@ -102,12 +148,12 @@ def _coverage(lora: LoRA, model: Any) -> dict[str, Any]:
         names = [n for n, m in mods.items() if n and isinstance(getattr(m, "weight", None), torch.Tensor)]
         weighted[comp] = len(names)
         untouched[comp] = sum((comp, n) not in touched for n in names)
-    return {
-        "matched": len(res.matched),
-        "unmatched": sorted(layer.name for layer in res.unmatched),
-        "touched_modules": len(touched),
-        "weighted_modules": weighted,
-        "untouched_modules": sum(untouched.values()),
-        "untouched_by_component": untouched,
-        "families": list(resolver.index.families),
-    }
+    return Coverage(
+        matched=len(res.matched),
+        unmatched=sorted(layer.name for layer in res.unmatched),
+        touched_modules=len(touched),
+        weighted_modules=weighted,
+        untouched_modules=sum(untouched.values()),
+        untouched_by_component=untouched,
+        families=list(resolver.index.families),
+    )

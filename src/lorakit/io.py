@@ -23,6 +23,7 @@ __all__ = [
     "SAFETENSORS_SUFFIXES",
     "atomic_output",
     "check_not_input",
+    "parse_dtype",
     "parse_lora_spec",
     "read_metadata",
     "read_safetensors_header",
@@ -36,6 +37,24 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 
 # org/repo/path/inside/repo.safetensors, optionally with @revision after the repo.
 _HUB_REF = re.compile(r"^(?P<org>[\w.-]+)/(?P<repo>[\w.-]+)(@(?P<rev>[\w./-]+?))?/(?P<file>.+\.\w+)$")
+
+
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """``"bf16"`` / ``"float16"`` / ``torch.float32`` -> a torch dtype (names are case-insensitive); ``None``
+    stays ``None``. Anything else raises :class:`~lorakit.errors.FormatError` naming the value and the choices."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    dtype = _DTYPES.get(name.lower()) if isinstance(name, str) else None
+    if dtype is None:
+        raise FormatError(f"unknown dtype {name!r}; use one of {', '.join(_DTYPES)}")
+    return dtype
 
 
 def parse_lora_spec(spec: str) -> tuple[str, float]:

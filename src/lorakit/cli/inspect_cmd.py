@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from ..inspection import InspectResult
 
 __all__ = ["convert_cmd", "inspect_cmd"]
 
@@ -25,8 +29,12 @@ def inspect_cmd(file: str, as_json: bool, model: str | None) -> None:
     target = _model(model) if model else None
     info = inspect(file, model=target)
     if as_json:
-        click.echo(json.dumps(info, indent=2, sort_keys=True, default=str))
+        click.echo(json.dumps(info.to_dict(), indent=2, sort_keys=True, default=str))
         return
+    _print_table(file, info)
+
+
+def _print_table(file: str, info: InspectResult) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -34,35 +42,33 @@ def inspect_cmd(file: str, as_json: bool, model: str | None) -> None:
     table = Table(title=f"{file}", show_header=False)
     table.add_column("", style="bold")
     table.add_column("")
-    ranks = info["ranks"]
-    rank_txt = "-" if not ranks else (
-        str(info["rank_min"]) if info["rank_min"] == info["rank_max"] else f"{info['rank_min']}..{info['rank_max']}"
+    rank_txt = "-" if not info.ranks else (
+        str(info.rank_min) if info.rank_min == info.rank_max else f"{info.rank_min}..{info.rank_max}"
     )
     rows = [
-        ("format", info["format"]),
-        ("family", str(info["family"] or "-")),
-        ("layers", str(info["layers"])),
-        ("adapter types", ", ".join(f"{k}={v}" for k, v in info["adapter_types"].items())),
+        ("format", info.format),
+        ("family", str(info.family or "-")),
+        ("layers", str(info.layers)),
+        ("adapter types", ", ".join(f"{k}={v}" for k, v in info.adapter_types.items())),
         ("rank", rank_txt),
-        ("alpha", ", ".join(f"{k} ({v} layers)" for k, v in info["alphas"].items()) or "-"),
-        ("dtypes", ", ".join(f"{k} ({v})" for k, v in info["dtypes"].items())),
-        ("parameters", f"{info['parameters']:,}"),
-        ("file size", "-" if info["file_size"] is None else f"{info['file_size'] / 1e6:.2f} MB"),
-        ("components", ", ".join(f"{k} ({v})" for k, v in info["components"].items())),
-        ("targets", ", ".join(f"{k} ({v})" for k, v in info["target_kinds"].items())),
+        ("alpha", ", ".join(f"{k} ({v} layers)" for k, v in info.alphas.items()) or "-"),
+        ("dtypes", ", ".join(f"{k} ({v})" for k, v in info.dtypes.items())),
+        ("parameters", f"{info.parameters:,}"),
+        ("file size", "-" if info.file_size is None else f"{info.file_size / 1e6:.2f} MB"),
+        ("components", ", ".join(f"{k} ({v})" for k, v in info.components.items())),
+        ("targets", ", ".join(f"{k} ({v})" for k, v in info.target_kinds.items())),
     ]
-    if "coverage" in info:
-        cov = info["coverage"]
-        rows.append(("coverage", f"{cov['matched']} matched, {len(cov['unmatched'])} unmatched"))
+    if info.coverage is not None:
+        rows.append(("coverage", f"{info.coverage.matched} matched, {len(info.coverage.unmatched)} unmatched"))
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
-    if info["metadata"]:
+    if info.metadata:
         meta = Table(title="metadata", show_header=False)
-        for key, value in sorted(info["metadata"].items()):
+        for key, value in sorted(info.metadata.items()):
             meta.add_row(key, value if len(value) < 120 else value[:117] + "...")
         console.print(meta)
-    report = info["report"]
+    report = info.report
     problems = {**report["unsupported"], **report["invalid"], **{k: "unknown key" for k in report["unknown"]}}
     if problems:
         console.print(f"[yellow]{len(problems)} keys not loaded:[/yellow]")

@@ -4,6 +4,7 @@ wrapper and prefix, strip the adapter suffix, group by module, build one Layer p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -18,17 +19,10 @@ from ..adapters import DoRA, adapter_for_fields
 from ..errors import FormatError, LorakitError, NonFiniteError, UnknownFormatError, UnsupportedAdapterError
 from ..io import read_tensors, resolve_source
 from ..model import Layer, LoadReport, LoRA
-from .conventions import PREFIXES, SUFFIXES, UNSUPPORTED_SUFFIXES, WRAPPERS
+from .conventions import PEFT_COMPONENT, PREFIXES, SUFFIXES, UNSUPPORTED_SUFFIXES, WRAPPERS
 
 __all__ = ["detect_format", "load", "parse_state_dict", "split_key"]
 
-_COMPONENT_PEFT_NAMES = {
-    "unet": "denoiser",
-    "transformer": "denoiser",
-    "text_encoder": "text_encoder",
-    "text_encoder_2": "text_encoder_2",
-    "text_encoder_3": "text_encoder_3",
-}
 # Fields that sit beside a weight adapter rather than selecting one.
 _SIDE_FIELDS = {"alpha", "dora_scale", "magnitude", "diff_b", "b_norm", "diff_m"}
 
@@ -89,8 +83,8 @@ def _peft_config(metadata: Mapping[str, str]) -> dict[str | None, dict]:
     out: dict[str | None, dict] = defaultdict(dict)
     for key, value in cfg.items():
         head, _, rest = key.partition(".")
-        if rest and head in _COMPONENT_PEFT_NAMES:
-            out[_COMPONENT_PEFT_NAMES[head]][rest] = value
+        if rest and head in PEFT_COMPONENT:
+            out[PEFT_COMPONENT[head]][rest] = value
         else:
             out[None][key] = value
     return dict(out)
@@ -139,18 +133,39 @@ def parse_state_dict(
     metadata = dict(metadata or {})
     report = LoadReport()
     where = f" in {source}" if source else ""
-    groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    group_keys: dict[str, list[str]] = defaultdict(list)
-    unsupported_stems: dict[str, str] = {}
+    groups, group_keys = _group_keys(tensors, report)
+    layers = _build_layers(groups, group_keys, _peft_config(metadata), report, strict=strict, where=where)
+    if not layers:
+        raise _nothing_loaded(tensors, report, where)
+    if strict and not report.ok:
+        raise FormatError(f"{len(report.problems())} keys{where} were not loaded: " + "; ".join(
+            f"{k}: {v}" for k, v in list(report.problems().items())[:10]))
+    return LoRA(layers, metadata, detect_format(report.consumed), source, report)
 
+
+def _unsupported_stems(tensors: Mapping[str, torch.Tensor], report: LoadReport) -> dict[str, str]:
+    """Module stems of recognised-but-unsupported adapters (OFT, (IA)^3, ...) -> adapter name; non-string keys
+    go to ``report.unknown`` here."""
+    stems: dict[str, str] = {}
     for key in tensors:
         if not isinstance(key, str):
             report.unknown.append(str(key))
             continue
         for suffix, kind in UNSUPPORTED_SUFFIXES.items():
             if key.endswith(suffix):
-                unsupported_stems[key[: -len(suffix)]] = kind
+                stems[key[: -len(suffix)]] = kind
                 break
+    return stems
+
+
+def _group_keys(
+    tensors: Mapping[str, torch.Tensor], report: LoadReport,
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, list[str]]]:
+    """``({module name: {canonical field: tensor}}, {module name: file keys})``; every key that joins no
+    group is recorded in ``report`` (unknown, invalid or unsupported)."""
+    unsupported_stems = _unsupported_stems(tensors, report)
+    groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    group_keys: dict[str, list[str]] = defaultdict(list)
     for key, value in tensors.items():
         if not isinstance(key, str):
             continue
@@ -159,9 +174,7 @@ def parse_state_dict(
             continue
         stem = next((s for s in unsupported_stems if key.startswith(s + ".")), None)
         if stem is not None:
-            report.unsupported[key] = (
-                f"{unsupported_stems[stem]} is recognised but not supported yet"
-            )
+            report.unsupported[key] = f"{unsupported_stems[stem]} is recognised but not supported yet"
             continue
         parts = split_key(key)
         if parts is None:
@@ -175,8 +188,14 @@ def parse_state_dict(
             continue
         groups[name][field] = value
         group_keys[name].append(key)
+    return groups, group_keys
 
-    peft_cfg = _peft_config(metadata)
+
+def _build_layers(
+    groups: dict[str, dict[str, torch.Tensor]], group_keys: dict[str, list[str]], peft_cfg: dict,
+    report: LoadReport, *, strict: bool, where: str,
+) -> dict[str, Layer]:
+    """One :class:`Layer` per group; a group that forms none is invalid (``strict``: raises naming the file)."""
     layers: dict[str, Layer] = {}
     for name, fields in groups.items():
         keys = tuple(sorted(group_keys[name]))
@@ -191,26 +210,26 @@ def parse_state_dict(
         layers[name] = layer
         for key in keys:
             report.consumed[key] = name
+    return layers
 
-    if not layers:
-        sample = ", ".join(sorted(map(str, tensors))[:5])
-        if report.invalid:
-            first = next(iter(sorted(report.invalid.items())))
-            raise FormatError(f"No layer of{where or ' the file'} could be loaded; first problem: {first[0]}: {first[1]}")
-        if report.unsupported:
-            kinds = sorted({reason.split(" is recognised")[0] for reason in report.unsupported.values()})
-            raise UnsupportedAdapterError(
-                f"Nothing{where} can be loaded: {', '.join(kinds)} adapters are recognised but not supported yet "
-                f"(e.g. {next(iter(sorted(report.unsupported)))}). Convert the file to LoRA/LoHa/LoKr with its trainer."
-            )
-        raise UnknownFormatError(
-            f"No LoRA layer recognised{where} (keys: {sample}{', ...' if len(tensors) > 5 else ''}). "
-            "Supported: kohya lora_down/lora_up, PEFT lora_A/lora_B, LyCORIS hada_/lokr_/diff, ..."
+
+def _nothing_loaded(tensors: Mapping[str, torch.Tensor], report: LoadReport, where: str) -> LorakitError:
+    """The error for a file of which no layer loaded: its first broken key, its unsupported adapter types, or
+    a sample of keys no convention knows."""
+    if report.invalid:
+        first = next(iter(sorted(report.invalid.items())))
+        return FormatError(f"No layer of{where or ' the file'} could be loaded; first problem: {first[0]}: {first[1]}")
+    if report.unsupported:
+        kinds = sorted({reason.split(" is recognised")[0] for reason in report.unsupported.values()})
+        return UnsupportedAdapterError(
+            f"Nothing{where} can be loaded: {', '.join(kinds)} adapters are recognised but not supported yet "
+            f"(e.g. {next(iter(sorted(report.unsupported)))}). Convert the file to LoRA/LoHa/LoKr with its trainer."
         )
-    if strict and not report.ok:
-        raise FormatError(f"{len(report.problems())} keys{where} were not loaded: " + "; ".join(
-            f"{k}: {v}" for k, v in list(report.problems().items())[:10]))
-    return LoRA(layers, metadata, detect_format(report.consumed), source, report)
+    sample = ", ".join(sorted(map(str, tensors))[:5])
+    return UnknownFormatError(
+        f"No LoRA layer recognised{where} (keys: {sample}{', ...' if len(tensors) > 5 else ''}). "
+        "Supported: kohya lora_down/lora_up, PEFT lora_A/lora_B, LyCORIS hada_/lokr_/diff, ..."
+    )
 
 
 def _build_layer(name: str, fields: dict[str, torch.Tensor], keys: tuple[str, ...], peft_cfg: dict) -> Layer:
@@ -229,8 +248,6 @@ def _build_layer(name: str, fields: dict[str, torch.Tensor], keys: tuple[str, ..
         if weight.alpha is None and "down" in main and ("up" in main):
             alpha = _peft_alpha(peft_cfg.get(component) or peft_cfg.get(None), path, weight.rank)
             if alpha is not None:
-                import dataclasses
-
                 weight = dataclasses.replace(weight, alpha=alpha)
     elif "alpha" in fields and len(fields) == 1:
         raise FormatError(f"{name}.alpha has no adapter weights beside it (missing lora_down/lora_up)")
@@ -248,11 +265,10 @@ def _build_layer(name: str, fields: dict[str, torch.Tensor], keys: tuple[str, ..
         if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise NonFiniteError(f"{name}: a bias/modulation delta contains NaN or Inf; the file is corrupt.")
     params = {"modulation": fields["diff_m"]} if "diff_m" in fields else {}
-    layer = Layer(
+    return Layer(
         name=name, component=component, path=path, flat=flat, weight=weight, bias=bias, dora=dora,
         params=params, keys=keys, bias_key=bias_key,
     )
-    return layer
 
 
 # Fields that do not tell conventions apart (kohya, LyCORIS and diffusers' kohya export all use them).
