@@ -17,10 +17,8 @@ keeps working::
     ├── ShapeMismatchError (ValueError)     a delta does not fit its target tensor
     ├── UnknownFamilyError (KeyError)       a model family / variant name lorakit does not know
     ├── PatchOrderError (RuntimeError)      a patch removed while a later one on the model is active
-    └── InternalError (RuntimeError)        an invariant of lorakit itself broke (a bug: please report it)
-
-    ApiError (Exception)                    the server's HTTP errors (status, machine code, message); not a
-                                            LorakitError, so library handlers never swallow an HTTP answer
+    ├── InternalError (RuntimeError)        an invariant of lorakit itself broke (a bug: please report it)
+    └── ApiError                            the server's HTTP errors: status, machine code, message
 """
 
 from __future__ import annotations
@@ -108,7 +106,7 @@ class InternalError(LorakitError, RuntimeError):
     """An invariant of lorakit itself does not hold (replaces ``assert`` in library code): a bug to report."""
 
 
-class ApiError(Exception):
+class ApiError(LorakitError):
     """An error with an HTTP status and a machine-readable code, rendered by the server as its JSON envelope."""
 
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:

@@ -92,10 +92,10 @@ def check_peft_expressible(lora: LoRA) -> None:
     """Raise :class:`UnsupportedAdapterError` for the first layer a PEFT LoRA file cannot express (only plain
     low-rank pairs, with an optional ``lora_B`` bias and DoRA magnitude, can be)."""
     for layer in lora:
-        w = layer.weight
-        mid = getattr(w, "mid", None)
-        if w is None or w.kind != "lora" or mid is not None or layer.bias is not None or layer.params:
-            kinds = ", ".join(layer.kinds) + (" (Tucker)" if mid is not None else "")
+        # the PEFT spellings are data (_PEFT_FIELDS): a layer fits when every tensor it holds has one
+        fields = set(layer.weight.tensors()) if layer.weight is not None else set()
+        if not fields or not fields <= set(_PEFT_FIELDS) or layer.bias is not None or layer.params:
+            kinds = ", ".join(layer.kinds) + (" (Tucker)" if "mid" in fields else "")
             raise UnsupportedAdapterError(
                 f"{layer.name}: PEFT LoRA files cannot express {kinds}; save with format='kohya' instead."
             )
