@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,32 @@ def _read_job(path: str) -> dict[str, Any]:
     if not isinstance(job, dict):
         raise click.BadParameter(f"{path} must hold a JSON object", param_hint="--config")
     return job
+
+
+def _merge_job(job: dict[str, Any], opts: dict[str, Any], loras: tuple[str, ...]) -> dict[str, Any]:
+    """Command-line options win over the job file, which wins over the defaults."""
+    model = opts["model"] or job.get("model") or job.get("model_path")
+    if not model:
+        raise click.UsageError("pass --model DIR|tiny (or 'model' in the --config job file)")
+    specs = [parse_lora_spec(s) for s in loras]
+    if not specs:
+        for entry in job.get("lora_configs", []):
+            if not isinstance(entry, dict) or "path" not in entry:
+                raise click.BadParameter(f"each lora_configs entry needs a 'path', got {entry!r}", param_hint="--config")
+            specs.append((str(entry["path"]), float(entry.get("strength", 1.0))))
+    pick = opts.get
+    return {
+        "model": model,
+        "prompt": pick("prompt") if pick("prompt") is not None else job.get("prompt", ""),
+        "negative_prompt": pick("negative_prompt") if pick("negative_prompt") is not None else job.get("negative_prompt"),
+        "steps": pick("steps") or int(job.get("infer_steps", job.get("steps", 20))),
+        "seed": pick("seed") if pick("seed") is not None else int(job.get("seed", 0)),
+        "guidance": pick("guidance") if pick("guidance") is not None
+        else float(job.get("guidance_scale", job.get("guidance", 7.5))),
+        "width": pick("width") or job.get("width") or job.get("target_width"),
+        "height": pick("height") or job.get("height") or job.get("target_height"),
+        "specs": specs,
+    }
 
 
 @click.command("generate")
@@ -50,68 +75,38 @@ def generate_cmd(
 ) -> None:
     """Generate one image with LoRAs applied, e.g.
     ``lorakit generate --model tiny --lora style.safetensors:0.8 --prompt "a cat" --steps 4 -o cat.png``."""
-    import torch
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .. import apply
+    from ..generation import generate
     from ..io import atomic_output
     from ..pipelines import load_pipeline
 
-    job = _read_job(config) if config else {}
-    # command-line options win over the job file, which wins over the defaults
-    model = model or job.get("model") or job.get("model_path")
-    if not model:
-        raise click.UsageError("pass --model DIR|tiny (or 'model' in the --config job file)")
-    prompt = prompt if prompt is not None else job.get("prompt", "")
-    negative_prompt = negative_prompt if negative_prompt is not None else job.get("negative_prompt")
-    steps = steps or int(job.get("infer_steps", job.get("steps", 20)))
-    seed = seed if seed is not None else int(job.get("seed", 0))
-    guidance = guidance if guidance is not None else float(job.get("guidance_scale", job.get("guidance", 7.5)))
-    width = width or job.get("width") or job.get("target_width")
-    height = height or job.get("height") or job.get("target_height")
-    specs = [parse_lora_spec(s) for s in loras]
-    if not specs:
-        for entry in job.get("lora_configs", []):
-            if not isinstance(entry, dict) or "path" not in entry:
-                raise click.BadParameter(f"each lora_configs entry needs a 'path', got {entry!r}", param_hint="--config")
-            specs.append((str(entry["path"]), float(entry.get("strength", 1.0))))
-
+    opts = {"model": model, "prompt": prompt, "negative_prompt": negative_prompt, "steps": steps, "seed": seed,
+            "guidance": guidance, "width": width, "height": height}
+    job = _merge_job(_read_job(config) if config else {}, opts, loras)
     console = Console(stderr=True, quiet=as_json)
-    pipe = load_pipeline(model)
-    patch = None
-    if specs:
-        patch = apply(pipe, specs, mode=mode, strict=strict)
-        console.print(patch.report.summary())
-    kwargs: dict[str, Any] = {"num_inference_steps": steps, "guidance_scale": guidance,
-                              "generator": torch.Generator().manual_seed(seed)}
-    if negative_prompt:
-        kwargs["negative_prompt"] = negative_prompt
-    if width:
-        kwargs["width"] = int(width)
-    if height:
-        kwargs["height"] = int(height)
-    started = time.perf_counter()
+    pipe = load_pipeline(job["model"])
     with Progress(TextColumn("denoising"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=False) as progress:
-        task = progress.add_task("denoise", total=steps)
-
-        def on_step(_pipe: Any, _step: int, _t: Any, kw: dict[str, Any]) -> dict[str, Any]:
-            progress.advance(task)
-            return kw
-
-        image = pipe(prompt, callback_on_step_end=on_step, **kwargs).images[0]
-    elapsed = time.perf_counter() - started
+        task = progress.add_task("denoise", total=job["steps"])
+        result = generate(
+            pipe, job["prompt"], negative_prompt=job["negative_prompt"], steps=job["steps"],
+            guidance_scale=job["guidance"], seed=job["seed"], width=job["width"], height=job["height"],
+            loras=job["specs"], mode=mode, strict=strict, on_step=lambda _step: progress.advance(task),
+        )
+    if result.report is not None:
+        console.print(result.report.summary())
+    image = result.images[0]
     with atomic_output(output) as tmp:
         image.save(tmp, format="PNG")
-    if patch is not None:
-        patch.remove()
     summary = {
-        "output": os.fspath(output), "model": model, "loras": [{"path": p, "strength": s} for p, s in specs],
-        "steps": steps, "seed": seed, "size": list(image.size), "seconds": round(elapsed, 3),
-        "report": None if patch is None else patch.report.counts(),
+        "output": os.fspath(output), "model": job["model"],
+        "loras": [{"path": p, "strength": s} for p, s in job["specs"]],
+        "steps": job["steps"], "seed": job["seed"], "size": list(image.size), "seconds": round(result.seconds, 3),
+        "report": result.report_counts,
     }
     if as_json:
         click.echo(json.dumps(summary))
     else:
-        click.echo(f"wrote {output} ({image.size[0]}x{image.size[1]}, {steps} steps, {elapsed:.2f}s)")
+        click.echo(f"wrote {output} ({image.size[0]}x{image.size[1]}, {job['steps']} steps, {result.seconds:.2f}s)")

@@ -13,7 +13,8 @@ from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
-import torch
+
+from lorakit.generation import generate
 
 from .metrics import Metrics
 from .registry import ApiError
@@ -95,7 +96,6 @@ class Worker:
                     headers={"Retry-After": "1"},
                 )
             self._queue.append(job)
-            self.metrics.queue_depth = len(self._queue)
             self._cond.notify()
         return job.future
 
@@ -133,7 +133,6 @@ class Worker:
         batch = [j for j in self._queue if j.batch_key() == key][: self.max_batch]
         for j in batch:
             self._queue.remove(j)
-        self.metrics.queue_depth = len(self._queue)
         return batch
 
     def _run(self) -> None:
@@ -174,23 +173,17 @@ class Worker:
             self._patch = apply(self.pipe, job.loras, mode="fuse")
         self.current = job.stack
         self.swaps += 1
-        self.metrics.swaps += 1
+        self.metrics.observe_swap()
 
     def _generate(self, batch: list[Job]) -> list[bytes]:
         first = batch[0]
         self._switch(first)
-        generators = [torch.Generator("cpu").manual_seed(j.seed) for j in batch]
-        start = time.perf_counter()
-        out = self.pipe(
-            prompt=[j.prompt for j in batch],
-            negative_prompt=[j.negative_prompt for j in batch],
-            width=first.width,
-            height=first.height,
-            num_inference_steps=first.steps,
-            guidance_scale=first.guidance_scale,
-            generator=generators,
-            output_type="np",
+        # loras=None: the fused stack stays on across batches; _switch swaps it only when the stack changes.
+        result = generate(
+            self.pipe, [j.prompt for j in batch], negative_prompt=[j.negative_prompt for j in batch],
+            width=first.width, height=first.height, steps=first.steps, guidance_scale=first.guidance_scale,
+            seed=[j.seed for j in batch], output_type="np",
         )
         self.calls += 1
-        self.metrics.observe_batch(len(batch), time.perf_counter() - start)
-        return [to_png(img) for img in out.images]
+        self.metrics.observe_batch(len(batch), result.seconds)
+        return [to_png(img) for img in result.images]

@@ -1,0 +1,48 @@
+"""Server configuration (one field per ``lorakit serve`` option) and the request bodies of the HTTP API."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+__all__ = ["GenerateRequest", "LoraRef", "Settings"]
+
+
+@dataclasses.dataclass
+class Settings:
+    """Server configuration; every field maps to a ``lorakit serve`` option."""
+
+    lora_dir: str
+    model: str = "tiny"
+    api_key: str | None = None
+    max_queue: int = 64
+    max_batch: int = 4
+    allow_upload: bool = False
+    max_upload_mb: float = 64.0
+    cache_mb: float = 512.0
+    max_steps: int = 50
+    max_size: int = 1024
+    max_wait_s: float = 5.0
+    pipe: Any = None  # an already-built pipeline (tests); else built from ``model``
+    # Something with ``async generate(job) -> (png, batch_size)`` that replaces the local worker
+    # (the Ray Serve ingress routes jobs to replicas through it); no pipeline is built here then.
+    backend: Any = None
+
+
+class LoraRef(BaseModel):
+    name: str = Field(min_length=1, max_length=300)
+    strength: float = Field(1.0, ge=-4.0, le=4.0)
+
+
+class GenerateRequest(BaseModel):
+    prompt: str = Field(max_length=2000)
+    negative_prompt: str | None = Field(None, max_length=2000)
+    width: int = Field(64, ge=8)
+    height: int = Field(64, ge=8)
+    steps: int = Field(4, ge=1)
+    guidance_scale: float = Field(5.0, ge=0.0, le=30.0)
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+    loras: list[LoraRef] = Field(default_factory=list, max_length=8)
+    response_format: Literal["png", "b64_json"] = "png"
