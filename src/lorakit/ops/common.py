@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ _DENOISER_FOLDERS = ("unet", "transformer", "prior")
 
 __all__ = [
     "ST_DTYPES",
+    "ST_NAMES",
     "UNSET",
     "Checkpoint",
     "OpResult",
@@ -41,6 +43,7 @@ __all__ = [
 #: ``progress(description, done, total)``; the CLI passes a rich progress bar, library callers may pass None.
 Progress = Callable[[str, int, int], None]
 
+#: safetensors dtype code -> torch dtype (the file format's own table, not user spellings: see parse_dtype)
 ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -55,7 +58,8 @@ ST_DTYPES: dict[str, torch.dtype] = {
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
-ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+#: torch dtype -> safetensors dtype code (for writing headers)
+ST_NAMES: dict[torch.dtype, str] = {v: k for k, v in ST_DTYPES.items()}
 
 _DTYPE_ALIASES = {
     "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
@@ -65,7 +69,8 @@ _DTYPE_ALIASES = {
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    """``"bf16"`` -> ``torch.bfloat16``; ``None`` stays ``None``."""
+    """``"bf16"`` -> ``torch.bfloat16``; ``None`` stays ``None``. The one parser of dtype names in the ops
+    (to be replaced by ``lorakit.io.parse_dtype``)."""
     if name is None or isinstance(name, torch.dtype):
         return name
     try:
@@ -257,37 +262,25 @@ class Checkpoint:
         """The tensor, freshly read (owned memory, no mmap)."""
         if self._loaded is not None:
             return self._loaded[info.key]
-        return read_st_tensor(info)
+        if not math.prod(info.shape):
+            return torch.empty(info.shape, dtype=info.dtype)
+        return torch.frombuffer(self.read_raw(info), dtype=info.dtype).reshape(info.shape)
 
     def keys(self) -> Iterator[tuple[str | None, str]]:
         """``(component, tensor key)`` of every tensor: what a :class:`~lorakit.families.Resolver` resolves over."""
         return iter(self.infos)
 
-    def read_raw(self, info: TensorInfo) -> bytes | bytearray:
-        _require_offsets(info)
-        with open(info.file, "rb") as fh:
-            fh.seek(info.offsets[0])
-            buf = bytearray(info.offsets[1] - info.offsets[0])
-            fh.readinto(buf)
-        return buf
-
-
-def _require_offsets(info: TensorInfo) -> None:
-    if info.offsets is None:
-        raise InternalError(f"{info.file}: tensor {info.key} is not in a safetensors file; read it through Checkpoint.read")
-
-
-def read_st_tensor(info: TensorInfo) -> torch.Tensor:
-    _require_offsets(info)
-    a, b = info.offsets
-    if b == a:
-        return torch.empty(info.shape, dtype=info.dtype)
-    with open(info.file, "rb") as fh:
-        fh.seek(a)
+    def read_raw(self, info: TensorInfo) -> bytearray:
+        """The stored bytes of a safetensors tensor (one ``seek`` + ``readinto``, no mapping)."""
+        if info.offsets is None:
+            raise InternalError(f"{info.file}: tensor {info.key} is not in a safetensors file; read it through Checkpoint.read")
+        a, b = info.offsets
         buf = bytearray(b - a)
-        if fh.readinto(buf) != b - a:
-            raise FormatError(f"{info.file}: tensor {info.key} is truncated; the file is incomplete")
-    return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+        with open(info.file, "rb") as fh:
+            fh.seek(a)
+            if fh.readinto(buf) != b - a:
+                raise FormatError(f"{info.file}: tensor {info.key} is truncated; the file is incomplete")
+        return buf
 
 
 def check_finite(t: torch.Tensor, where: str) -> None:
