@@ -7,9 +7,12 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+
+if TYPE_CHECKING:
+    from ..ops import OpResult
 
 __all__ = ["compose_cmd", "extract_cmd", "merge_cmd", "resize_cmd", "validate_cmd"]
 
@@ -35,7 +38,8 @@ def _progress(enabled: bool) -> Iterator[Any]:
         yield update
 
 
-def _emit(result, as_json: bool, headline: str) -> None:
+def _emit(result: OpResult, as_json: bool, headline: str) -> None:
+    """``--json``: the result as one JSON object; otherwise the headline and a table of the summary."""
     if as_json:
         click.echo(json.dumps(result.to_dict(), default=str))
         return
@@ -45,7 +49,7 @@ def _emit(result, as_json: bool, headline: str) -> None:
     console = Console()
     console.print(headline)
     table = Table(show_header=False, box=None)
-    for key, value in result.summary.items():
+    for key, value in result.summary.to_dict().items():
         if isinstance(value, float):
             value = f"{value:.6g}"
         elif isinstance(value, (list, dict)):

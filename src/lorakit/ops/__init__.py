@@ -4,11 +4,31 @@ compose several LoRAs, resize ranks and validate against a fine-tune. The CLI wr
 
 from __future__ import annotations
 
-from .common import OpResult
-from .compose import compose
-from .extract import extract
-from .merge import merge
-from .resize import resize
-from .validate import validate
+from .common import OpResult, Record
+from .compose import ComposeInput, ComposeLayerStat, ComposeSummary, compose
+from .extract import ExtractLayerStat, ExtractSummary, extract
+from .merge import MergeLoraReport, MergeSummary, merge
+from .resize import ResizeLayerStat, ResizeSummary, resize
+from .validate import SpuriousRow, ValidateRow, ValidateSummary, validate
 
-__all__ = ["OpResult", "compose", "extract", "merge", "resize", "validate"]
+__all__ = [
+    "ComposeInput",
+    "ComposeLayerStat",
+    "ComposeSummary",
+    "ExtractLayerStat",
+    "ExtractSummary",
+    "MergeLoraReport",
+    "MergeSummary",
+    "OpResult",
+    "Record",
+    "ResizeLayerStat",
+    "ResizeSummary",
+    "SpuriousRow",
+    "ValidateRow",
+    "ValidateSummary",
+    "compose",
+    "extract",
+    "merge",
+    "resize",
+    "validate",
+]

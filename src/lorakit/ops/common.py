@@ -8,7 +8,7 @@ import dataclasses
 import fnmatch
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,12 @@ _DENOISER_FOLDERS = ("unet", "transformer", "prior")
 
 __all__ = [
     "ST_DTYPES",
+    "ST_NAMES",
+    "UNSET",
     "Checkpoint",
     "OpResult",
     "Progress",
+    "Record",
     "TensorInfo",
     "checkpoint_resolver",
     "load_lora",
@@ -40,6 +43,7 @@ __all__ = [
 #: ``progress(description, done, total)``; the CLI passes a rich progress bar, library callers may pass None.
 Progress = Callable[[str, int, int], None]
 
+#: safetensors dtype code -> torch dtype (the file format's own table, not user spellings: see parse_dtype)
 ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -54,7 +58,8 @@ ST_DTYPES: dict[str, torch.dtype] = {
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
-ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+#: torch dtype -> safetensors dtype code (for writing headers)
+ST_NAMES: dict[torch.dtype, str] = {v: k for k, v in ST_DTYPES.items()}
 
 _DTYPE_ALIASES = {
     "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
@@ -64,7 +69,8 @@ _DTYPE_ALIASES = {
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    """``"bf16"`` -> ``torch.bfloat16``; ``None`` stays ``None``."""
+    """``"bf16"`` -> ``torch.bfloat16``; ``None`` stays ``None``. The one parser of dtype names in the ops
+    (to be replaced by ``lorakit.io.parse_dtype``)."""
     if name is None or isinstance(name, torch.dtype):
         return name
     try:
@@ -73,19 +79,85 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
         raise FormatError(f"unknown dtype {name!r}; use one of fp32, fp16, bf16") from None
 
 
+class _Unset:
+    """The value of a record field a tool did not fill in for this row (today's JSON simply lacks the key)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+#: marks an unset :class:`Record` field: ``to_dict()`` and the dict-style view leave it out
+UNSET: Any = _Unset()
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every nested :class:`Record` turned into its dict (for JSON)."""
+    if isinstance(value, Record):
+        return value.to_dict()
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+class Record:
+    """Base of the typed summaries and per-layer stats of the offline tools (subclasses are dataclasses).
+
+    Reads like the dict it replaces (``r["rank"]``, ``r.get("rank")``, ``"rank" in r``, ``keys()``);
+    fields left at :data:`UNSET` are absent, as the key was. ``to_dict()`` gives the JSON of ``--json``."""
+
+    def _pairs(self) -> Iterator[tuple[str, Any]]:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if value is not UNSET:
+                yield f.name, value
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: _plain(v) for k, v in self._pairs()}
+
+    def keys(self) -> list[str]:
+        return [k for k, _ in self._pairs()]
+
+    def items(self) -> list[tuple[str, Any]]:
+        return list(self._pairs())
+
+    def __getitem__(self, key: str) -> Any:
+        value = getattr(self, key, UNSET) if key in self._names() else UNSET
+        if value is UNSET:
+            raise KeyError(key)
+        return value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.get(key, UNSET) is not UNSET
+
+    @classmethod
+    def _names(cls) -> frozenset[str]:
+        return frozenset(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+
+
 @dataclasses.dataclass
 class OpResult:
-    """What an offline operation did: ``summary`` numbers plus one dict of stats per layer."""
+    """What an offline operation did: a typed ``summary`` plus one stats record per layer."""
 
     op: str
     output: str | None
-    summary: dict[str, Any]
-    layers: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    summary: Record
+    layers: Sequence[Record] = dataclasses.field(default_factory=list)
     #: the LoRA built in memory (extract/compose/resize), for library callers; not part of to_dict()
     lora: LoRA | None = dataclasses.field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"op": self.op, "output": self.output, "summary": self.summary, "layers": self.layers}
+        return {"op": self.op, "output": self.output, "summary": self.summary.to_dict(),
+                "layers": [layer.to_dict() for layer in self.layers]}
 
 
 # -- checkpoints -----------------------------------------------------------------------------------------
@@ -104,13 +176,6 @@ class TensorInfo:
     @property
     def ref(self) -> str:
         return self.key if self.component is None else f"{self.component}/{self.key}"
-
-
-def read_st_header(path: Path) -> tuple[dict[str, Any], int]:
-    """(header dict, byte offset where tensor data starts) of a safetensors file."""
-    return read_safetensors_header(path)
-
-
 
 
 class Checkpoint:
@@ -171,7 +236,7 @@ class Checkpoint:
         return plain or files
 
     def _add_safetensors(self, path: Path, component: str | None) -> None:
-        header, start = read_st_header(path)
+        header, start = read_safetensors_header(path)
         self.files.append(path)
         if component is None and not self.metadata:
             self.metadata = {str(k): str(v) for k, v in (header.get("__metadata__") or {}).items()}
@@ -197,37 +262,25 @@ class Checkpoint:
         """The tensor, freshly read (owned memory, no mmap)."""
         if self._loaded is not None:
             return self._loaded[info.key]
-        return read_st_tensor(info)
+        if not math.prod(info.shape):
+            return torch.empty(info.shape, dtype=info.dtype)
+        return torch.frombuffer(self.read_raw(info), dtype=info.dtype).reshape(info.shape)
 
     def keys(self) -> Iterator[tuple[str | None, str]]:
         """``(component, tensor key)`` of every tensor: what a :class:`~lorakit.families.Resolver` resolves over."""
         return iter(self.infos)
 
-    def read_raw(self, info: TensorInfo) -> bytes | bytearray:
-        _require_offsets(info)
-        with open(info.file, "rb") as fh:
-            fh.seek(info.offsets[0])
-            buf = bytearray(info.offsets[1] - info.offsets[0])
-            fh.readinto(buf)
-        return buf
-
-
-def _require_offsets(info: TensorInfo) -> None:
-    if info.offsets is None:
-        raise InternalError(f"{info.file}: tensor {info.key} is not in a safetensors file; read it through Checkpoint.read")
-
-
-def read_st_tensor(info: TensorInfo) -> torch.Tensor:
-    _require_offsets(info)
-    a, b = info.offsets
-    if b == a:
-        return torch.empty(info.shape, dtype=info.dtype)
-    with open(info.file, "rb") as fh:
-        fh.seek(a)
+    def read_raw(self, info: TensorInfo) -> bytearray:
+        """The stored bytes of a safetensors tensor (one ``seek`` + ``readinto``, no mapping)."""
+        if info.offsets is None:
+            raise InternalError(f"{info.file}: tensor {info.key} is not in a safetensors file; read it through Checkpoint.read")
+        a, b = info.offsets
         buf = bytearray(b - a)
-        if fh.readinto(buf) != b - a:
-            raise FormatError(f"{info.file}: tensor {info.key} is truncated; the file is incomplete")
-    return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+        with open(info.file, "rb") as fh:
+            fh.seek(a)
+            if fh.readinto(buf) != b - a:
+                raise FormatError(f"{info.file}: tensor {info.key} is truncated; the file is incomplete")
+        return buf
 
 
 def check_finite(t: torch.Tensor, where: str) -> None:
@@ -284,8 +337,4 @@ def save_lora(
     meta = dict(lora.metadata)
     meta.update(metadata or {})
     return save(dataclasses.replace(lora, metadata=meta), path, fmt, dtype=dtype, inputs=inputs)
-
-
-def shape_numel(shape: Iterable[int]) -> int:
-    return math.prod(int(s) for s in shape)
 

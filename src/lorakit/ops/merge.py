@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 import os
 import shutil
 import struct
@@ -22,6 +23,7 @@ from ..io import (
     atomic_output,
     check_not_input,
     parse_lora_spec,  # re-exported: the CLI and the library share one parser
+    read_metadata,
 )
 from ..model import Layer, LoRA
 from ..placement import bias_delta, weight_delta
@@ -30,17 +32,38 @@ from .common import (
     Checkpoint,
     OpResult,
     Progress,
+    Record,
     TensorInfo,
     check_finite,
     checkpoint_resolver,
     load_lora,
     module_tensors,
     parse_dtype,
-    read_st_header,
-    shape_numel,
 )
 
-__all__ = ["DeltaKind", "PlanEntry", "merge", "parse_lora_spec", "plan_merge"]
+__all__ = ["DeltaKind", "MergeLoraReport", "MergeSummary", "PlanEntry", "merge", "parse_lora_spec", "plan_merge"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeLoraReport(Record):
+    """How one LoRA of a merge matched the checkpoint: layers matched (``routed`` of them through the
+    ``family`` router) and the names of the layers that match no module."""
+
+    lora: str
+    strength: float
+    matched: int
+    routed: int
+    family: str | None
+    unmatched: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeSummary(Record):
+    tensors: int
+    patched_tensors: int
+    loras: list[MergeLoraReport]
+    #: the output dtype of floating tensors (None: as in the base)
+    dtype: str | None
 
 
 class DeltaKind(str, enum.Enum):
@@ -92,7 +115,7 @@ def _rows_fit(layer: Layer, target: Target, info: TensorInfo) -> str | None:
     rows_src = (target.src_rows[1] - target.src_rows[0]) if target.src_rows else w.out_features()
     rows_dst = (target.dst_rows[1] - target.dst_rows[0]) if target.dst_rows else info.shape[0]
     numel = w.delta_numel()
-    cols = shape_numel(info.shape[1:])
+    cols = math.prod(info.shape[1:])
     if rows_src != rows_dst or numel != w.out_features() * cols:
         return (f"layer {layer.name} gives {rows_src} rows of {numel // max(1, w.out_features())} "
                 f"values for {rows_dst} rows of {info.ref} {info.shape}")
@@ -147,7 +170,7 @@ def _plan_entry(label: str, ckpt: Checkpoint, resolver: Resolver, layer: Layer, 
         why = _rows_fit(layer, target, info)
         if why:
             raise ShapeMismatchError(f"{label}: {why}; the LoRA was trained for another model size.")
-    elif not routed and numel != shape_numel(info.shape):
+    elif not routed and numel != math.prod(info.shape):
         raise ShapeMismatchError(
             f"{label}: layer {layer.name} gives a delta of {numel} elements for {info.ref} of shape "
             f"{info.shape}; the LoRA was trained for another model (or model size)."
@@ -155,7 +178,9 @@ def _plan_entry(label: str, ckpt: Checkpoint, resolver: Resolver, layer: Layer, 
     return info, PlanEntry(strength, layer, kind, param, target, routed)
 
 
-def plan_merge(ckpt: Checkpoint, loras: Sequence[tuple[LoRA, float]], strict: bool = False) -> tuple[Plan, list[dict]]:
+def plan_merge(
+    ckpt: Checkpoint, loras: Sequence[tuple[LoRA, float]], strict: bool = False
+) -> tuple[Plan, list[MergeLoraReport]]:
     """Resolve every LoRA layer to checkpoint tensors and check shapes, before any output is written. Names
     the checkpoint does not have are routed through the model family (fused/split projections, original vs
     diffusers names: :class:`lorakit.families.Router`)."""
@@ -181,9 +206,8 @@ def plan_merge(ckpt: Checkpoint, loras: Sequence[tuple[LoRA, float]], strict: bo
                     info, entry = _plan_entry(label, ckpt, resolver, layer, target, routed, strength, want)
                     plan.setdefault((info.component, info.key), []).append(entry)
         router = resolver.router if found.routed else None
-        report.append({"lora": label, "strength": strength, "matched": len(found.targets),
-                       "routed": len(found.routed), "family": None if router is None else router.family,
-                       "unmatched": found.unmatched})
+        report.append(MergeLoraReport(label, strength, len(found.targets), len(found.routed),
+                                      None if router is None else router.family, found.unmatched))
     return plan, report
 
 
@@ -206,7 +230,7 @@ def _header_for(infos: list[TensorInfo], dtypes: dict[str, torch.dtype], metadat
     sizes = []
     for info in infos:
         dt = dtypes[info.key]
-        nbytes = shape_numel(info.shape) * dt.itemsize
+        nbytes = math.prod(info.shape) * dt.itemsize
         header[info.key] = {"dtype": ST_NAMES[dt], "shape": list(info.shape), "data_offsets": [offset, offset + nbytes]}
         sizes.append(nbytes)
         offset += nbytes
@@ -220,10 +244,8 @@ def _stream_file(ckpt: Checkpoint, file: Path, dest: Path, plan: Plan, out_dtype
     if all(i.offsets is not None for i in infos):
         infos.sort(key=lambda i: i.offsets[0])  # keep the input's order, sequential reads
     dtypes = {i.key: (out_dtype if out_dtype is not None and i.dtype.is_floating_point else i.dtype) for i in infos}
-    meta: dict[str, str] = {}
-    if infos and infos[0].offsets is not None:  # safetensors input: keep its metadata
-        header, _ = read_st_header(file)
-        meta = {str(k): str(v) for k, v in (header.get("__metadata__") or {}).items()}
+    # safetensors input: keep its metadata
+    meta = read_metadata(file) if infos and infos[0].offsets is not None else {}
     head, sizes = _header_for(infos, dtypes, meta)
     patched = 0
     with open(dest, "wb") as out:
@@ -244,6 +266,56 @@ def _stream_file(ckpt: Checkpoint, file: Path, dest: Path, plan: Plan, out_dtype
             counter[0] += 1
             if progress:
                 progress("merge", counter[0], len(ckpt))
+    return patched
+
+
+def _write_pt(ckpt: Checkpoint, out: Path, plan: Plan, out_dtype: torch.dtype | None) -> int:
+    """The whole patched model as one weights-only pickle; the number of patched tensors."""
+    state = {}
+    patched = 0
+    for info in ckpt:
+        w = ckpt.read(info)
+        ops = plan.get((info.component, info.key))
+        dt = out_dtype if out_dtype is not None and w.is_floating_point() else w.dtype
+        state[info.ref] = _patched(w, ops, info, dt) if ops else w.to(dt).clone()
+        patched += bool(ops)
+    with atomic_output(out) as tmp:
+        torch.save(state, tmp)
+    return patched
+
+
+def _copy_folder(ckpt: Checkpoint, dest_root: Path, plan: Plan, out_dtype, progress, counter: list[int]) -> int:
+    """The diffusers folder with its weight files streamed through the plan and everything else copied."""
+    patched = 0
+    st_files = set(ckpt.files)
+    for src in sorted(ckpt.path.rglob("*")):
+        dest = dest_root / src.relative_to(ckpt.path)
+        if src.is_dir():
+            dest.mkdir(parents=True, exist_ok=True)
+        elif src in st_files:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            patched += _stream_file(ckpt, src, dest, plan, out_dtype, progress, counter)
+        elif src.suffix != ".safetensors":  # configs, tokenizers; unused variant weights are left out
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest)
+    return patched
+
+
+def _write_folder(ckpt: Checkpoint, out: Path, plan: Plan, out_dtype, progress, counter: list[int]) -> int:
+    """Write the patched folder next to ``out`` (absent or empty) and move it into place once it is complete."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        patched = _copy_folder(ckpt, tmpdir, plan, out_dtype, progress, counter)
+        if out.exists():
+            out.rmdir()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmpdir, 0o777 & ~umask)  # mkdtemp makes 0700; the output is an ordinary folder
+        os.replace(tmpdir, out)
+    except BaseException:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        raise
     return patched
 
 
@@ -274,48 +346,14 @@ def merge(
     parsed = [(load_lora(src), float(s)) for src, s in loras]
     plan, report = plan_merge(ckpt, parsed, strict)
     counter = [0]
-    patched = 0
     if format == "pt":
-        state = {}
-        for info in ckpt:
-            w = ckpt.read(info)
-            ops = plan.get((info.component, info.key))
-            dt = out_dtype if out_dtype is not None and w.is_floating_point() else w.dtype
-            state[info.ref] = _patched(w, ops, info, dt) if ops else w.to(dt).clone()
-            patched += bool(ops)
-        with atomic_output(out) as tmp:
-            torch.save(state, tmp)
+        patched = _write_pt(ckpt, out, plan, out_dtype)
     elif ckpt.path.is_dir():
         if out.exists() and any(out.iterdir()):
             raise OverwriteError(f"Output folder {output} exists and is not empty; remove it or choose another path.")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-        try:
-            st_files = set(ckpt.files)
-            for src in sorted(ckpt.path.rglob("*")):
-                rel = src.relative_to(ckpt.path)
-                dest = tmpdir / rel
-                if src.is_dir():
-                    dest.mkdir(parents=True, exist_ok=True)
-                elif src in st_files:
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    patched += _stream_file(ckpt, src, dest, plan, out_dtype, progress, counter)
-                elif src.suffix != ".safetensors":  # configs, tokenizers; unused variant weights are left out
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(src, dest)
-            if out.exists():
-                out.rmdir()
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmpdir, 0o777 & ~umask)  # mkdtemp makes 0700; the output is an ordinary folder
-            os.replace(tmpdir, out)
-        except BaseException:
-            shutil.rmtree(tmpdir, ignore_errors=True)
-            raise
+        patched = _write_folder(ckpt, out, plan, out_dtype, progress, counter)
     else:
         with atomic_output(out) as tmp:
             patched = _stream_file(ckpt, ckpt.path, tmp, plan, out_dtype, progress, counter)
-    summary = {"tensors": len(ckpt), "patched_tensors": patched, "loras": report,
-               "dtype": None if out_dtype is None else str(out_dtype).replace("torch.", "")}
+    summary = MergeSummary(len(ckpt), patched, report, None if out_dtype is None else str(out_dtype).replace("torch.", ""))
     return OpResult("merge", str(out), summary, [])
-

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import io
 import json
@@ -13,18 +14,168 @@ from pathlib import Path
 
 import torch
 
+from ..families import Resolver
 from ..io import atomic_output
-from ..model import LoRA
+from ..model import Layer, LoRA
 from ..placement import WHOLE, bias_delta, weight_delta
-from .common import Checkpoint, OpResult, Progress, check_finite, checkpoint_resolver, load_lora
+from .common import (
+    Checkpoint,
+    OpResult,
+    Progress,
+    Record,
+    TensorInfo,
+    check_finite,
+    checkpoint_resolver,
+    load_lora,
+)
 from .svd import randomized_svd
 
-__all__ = ["DEFAULT_THRESHOLD", "validate", "write_report"]
+__all__ = ["DEFAULT_THRESHOLD", "SpuriousRow", "ValidateRow", "ValidateSummary", "validate", "write_report"]
 
 #: A module counts as reproduced when its relative error is below 5 %: at that level the residual's energy
 #: is 0.25 % of the fine-tune's change, below typical seed-to-seed variation of a fine-tune.
 DEFAULT_THRESHOLD = 0.05
 _SPECTRA = 4  # layers whose spectra the HTML report plots (the largest changes)
+
+#: checkpoint tensor ``(component, key)`` -> the LoRA layer predicting its change and which of its deltas
+_Predictions = dict[tuple[str | None, str], tuple[Layer, str]]
+#: ``(‖TUNED − BASE‖, tensor, its delta as a matrix, LoRA rank)`` of a change whose spectrum the report plots
+_Spectrum = tuple[float, str, torch.Tensor, int | None]
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidateRow(Record):
+    """One changed tensor: the LoRA layer on it (None: not covered) and ``‖ΔW_lora − ΔW‖ / ‖ΔW‖``."""
+
+    key: str
+    layer: str | None
+    rank: int | None
+    shape: list[int]
+    rel_error: float
+    diff_norm: float
+    covered: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class SpuriousRow(Record):
+    """A LoRA layer on a tensor the fine-tune did not change: ``abs_norm`` is the norm of its delta there."""
+
+    key: str
+    layer: str | None
+    abs_norm: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidateSummary(Record):
+    changed_modules: int
+    covered_modules: int
+    coverage: float
+    threshold: float
+    success_rate: float
+    mean_rel_error: float | None
+    max_rel_error: float | None
+    #: the relative error of the whole fine-tune (energy-weighted), not an average of layers
+    weighted_rel_error: float
+    spurious: list[SpuriousRow]
+    unmatched_layers: list[str]
+    layer_names: list[str]
+
+
+@dataclasses.dataclass
+class _Comparison:
+    rows: list[ValidateRow] = dataclasses.field(default_factory=list)
+    spurious: list[SpuriousRow] = dataclasses.field(default_factory=list)
+    spectra: list[_Spectrum] = dataclasses.field(default_factory=list)
+
+
+def _predictions(resolver: Resolver, lo: LoRA) -> tuple[_Predictions, list[str]]:
+    """Which checkpoint tensors the LoRA's layers land on, and the names of the layers that land nowhere."""
+    predicted: _Predictions = {}
+    unmatched = []
+    for layer in lo:
+        hit = resolver.direct(layer)
+        if hit is None:
+            unmatched.append(layer.name)
+            continue
+        comp, module = hit[0].component, hit[0].module
+        if layer.weight is not None:
+            predicted[(comp, module + ".weight")] = (layer, "weight")
+        if layer.delta_bias() is not None:
+            predicted[(comp, module + ".bias")] = (layer, "bias")
+        for p in layer.params:
+            predicted[(comp, f"{module}.{p}")] = (layer, p)
+    return predicted, unmatched
+
+
+def _compare(bi: TensorInfo, b: torch.Tensor, true: torch.Tensor, pred: tuple[Layer, str] | None, strength: float,
+             changed: bool) -> ValidateRow | SpuriousRow:
+    """``strength · ΔW_lora`` (zero without a layer) against the true change of one tensor."""
+    if pred is None:
+        approx = torch.zeros_like(true)
+        rank = name = None
+    else:
+        layer, what = pred
+        if what == "weight":
+            approx = weight_delta(layer, WHOLE, b)
+        elif what == "bias":
+            approx = bias_delta(layer, WHOLE)
+        else:
+            approx = layer.params[what].float()
+        approx = strength * approx.reshape(true.shape)
+        rank, name = layer.rank, layer.name
+    denom = float(torch.linalg.vector_norm(true.flatten(), dtype=torch.float64))
+    resid = float(torch.linalg.vector_norm((approx - true).flatten(), dtype=torch.float64))
+    if not changed:
+        return SpuriousRow(bi.ref, name, resid)
+    return ValidateRow(bi.ref, name, rank, list(bi.shape), resid / denom, denom, pred is not None)
+
+
+def _compare_all(b_ck: Checkpoint, t_ck: Checkpoint, names: tuple[str, str], predicted: _Predictions,
+                 strength: float, keep_spectra: bool, progress: Progress | None) -> _Comparison:
+    """Every tensor that changed or that the LoRA touches, compared; ``names`` label BASE and TUNED in errors."""
+    out = _Comparison()
+    infos = [i for i in b_ck if i.dtype.is_floating_point and (i.component, i.key) in t_ck.infos]
+    for n, bi in enumerate(infos):
+        if progress:
+            progress("validate", n, len(infos))
+        ident = (bi.component, bi.key)
+        b = b_ck.read(bi).float()
+        t = t_ck.read(t_ck.infos[ident]).float()
+        check_finite(b, f"{names[0]}: {bi.ref}")
+        check_finite(t, f"{names[1]}: {bi.ref}")
+        true = t - b
+        del t
+        changed = bool(true.abs().max() > 0) if true.numel() else False
+        pred = predicted.get(ident)
+        if not changed and pred is None:
+            continue
+        row = _compare(bi, b, true, pred, strength, changed)
+        if isinstance(row, SpuriousRow):
+            out.spurious.append(row)
+            continue
+        out.rows.append(row)
+        if keep_spectra and true.dim() >= 2:
+            out.spectra.append((row.diff_norm, bi.ref, true.reshape(true.shape[0], -1), row.rank))
+            out.spectra.sort(key=lambda x: -x[0])
+            del out.spectra[_SPECTRA:]
+    return out
+
+
+def _summarise(found: _Comparison, threshold: float, unmatched: list[str], lo: LoRA) -> ValidateSummary:
+    rows = found.rows
+    covered = [r for r in rows if r.covered]
+    ok = [r for r in rows if r.rel_error < threshold]
+    errs = [r.rel_error for r in covered]
+    # Energy-weighted error: the relative error of the whole fine-tune, not an average of layers.
+    tot = sum(r.diff_norm**2 for r in rows)
+    weighted = (sum((r.rel_error * r.diff_norm) ** 2 for r in rows) / tot) ** 0.5 if tot else 0.0
+    return ValidateSummary(
+        changed_modules=len(rows), covered_modules=len(covered), coverage=len(covered) / len(rows) if rows else 1.0,
+        threshold=threshold, success_rate=len(ok) / len(rows) if rows else 1.0,
+        mean_rel_error=sum(errs) / len(errs) if errs else None, max_rel_error=max(errs, default=None),
+        weighted_rel_error=weighted, spurious=found.spurious, unmatched_layers=sorted(unmatched),
+        layer_names=sorted(layer.name for layer in lo),
+    )
 
 
 def validate(
@@ -42,82 +193,12 @@ def validate(
     success rate; a LoRA layer on an unchanged tensor is listed as ``spurious`` with its absolute norm."""
     lo = load_lora(lora)
     b_ck, t_ck = Checkpoint(base), Checkpoint(tuned)
-    resolver = checkpoint_resolver(b_ck)
-    predicted: dict[tuple[str | None, str], tuple[object, str]] = {}
-    unmatched = []
-    for layer in lo:
-        hit = resolver.direct(layer)
-        if hit is None:
-            unmatched.append(layer.name)
-            continue
-        comp, module = hit[0].component, hit[0].module
-        if layer.weight is not None:
-            predicted[(comp, module + ".weight")] = (layer, "weight")
-        if layer.delta_bias() is not None:
-            predicted[(comp, module + ".bias")] = (layer, "bias")
-        for p in layer.params:
-            predicted[(comp, f"{module}.{p}")] = (layer, p)
-    rows = []
-    spurious = []
-    spectra_src: list[tuple[float, str, torch.Tensor, int | None]] = []
-    infos = [i for i in b_ck if i.dtype.is_floating_point and (i.component, i.key) in t_ck.infos]
-    for n, bi in enumerate(infos):
-        if progress:
-            progress("validate", n, len(infos))
-        ident = (bi.component, bi.key)
-        b = b_ck.read(bi).float()
-        t = t_ck.read(t_ck.infos[ident]).float()
-        check_finite(b, f"{base}: {bi.ref}")
-        check_finite(t, f"{tuned}: {bi.ref}")
-        true = t - b
-        del t
-        changed = bool(true.abs().max() > 0) if true.numel() else False
-        pred = predicted.get(ident)
-        if not changed and pred is None:
-            continue
-        if pred is None:
-            approx = torch.zeros_like(true)
-            rank = None
-            name = None
-        else:
-            layer, what = pred
-            if what == "weight":
-                approx = weight_delta(layer, WHOLE, b)
-            elif what == "bias":
-                approx = bias_delta(layer, WHOLE)
-            else:
-                approx = layer.params[what].float()
-            approx = strength * approx.reshape(true.shape)
-            rank, name = layer.rank, layer.name
-        denom = float(torch.linalg.vector_norm(true.flatten(), dtype=torch.float64))
-        resid = float(torch.linalg.vector_norm((approx - true).flatten(), dtype=torch.float64))
-        if not changed:
-            spurious.append({"key": bi.ref, "layer": name, "abs_norm": resid})
-            continue
-        rel = resid / denom
-        rows.append({"key": bi.ref, "layer": name, "rank": rank, "shape": list(bi.shape), "rel_error": rel,
-                     "diff_norm": denom, "covered": pred is not None})
-        if report is not None and true.dim() >= 2:
-            spectra_src.append((denom, bi.ref, true.reshape(true.shape[0], -1), rank))
-            spectra_src.sort(key=lambda x: -x[0])
-            del spectra_src[_SPECTRA:]
-    covered = [r for r in rows if r["covered"]]
-    ok = [r for r in rows if r["rel_error"] < threshold]
-    errs = [r["rel_error"] for r in covered]
-    # Energy-weighted error: the relative error of the whole fine-tune, not an average of layers.
-    tot = sum(r["diff_norm"] ** 2 for r in rows)
-    weighted = (sum((r["rel_error"] * r["diff_norm"]) ** 2 for r in rows) / tot) ** 0.5 if tot else 0.0
-    summary = {
-        "changed_modules": len(rows), "covered_modules": len(covered),
-        "coverage": len(covered) / len(rows) if rows else 1.0,
-        "threshold": threshold, "success_rate": len(ok) / len(rows) if rows else 1.0,
-        "mean_rel_error": sum(errs) / len(errs) if errs else None, "max_rel_error": max(errs, default=None),
-        "weighted_rel_error": weighted, "spurious": spurious, "unmatched_layers": sorted(unmatched),
-        "layer_names": sorted(layer.name for layer in lo),
-    }
-    result = OpResult("validate", None if report is None else str(report), summary, rows)
+    predicted, unmatched = _predictions(checkpoint_resolver(b_ck), lo)
+    found = _compare_all(b_ck, t_ck, (str(base), str(tuned)), predicted, strength, report is not None, progress)
+    summary = _summarise(found, threshold, unmatched, lo)
+    result = OpResult("validate", None if report is None else str(report), summary, found.rows)
     if report is not None:
-        write_report(result, report, spectra_src, lo.source or str(lora), str(base), str(tuned))
+        write_report(result, report, found.spectra, lo.source or str(lora), str(base), str(tuned))
     return result
 
 
@@ -127,7 +208,8 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def write_report(result: OpResult, path, spectra_src, lora_name: str, base: str, tuned: str) -> Path:
+def write_report(result: OpResult, path: str | os.PathLike[str], spectra_src: list[_Spectrum], lora_name: str,
+                 base: str, tuned: str) -> Path:
     """Self-contained HTML (plots as base64 PNG): error per layer, spectra of the largest changes, and
     retained energy vs rank with each layer's LoRA rank marked."""
     import matplotlib
@@ -172,7 +254,7 @@ def write_report(result: OpResult, path, spectra_src, lora_name: str, base: str,
         images.append(("Retained energy vs rank", _png(fig2)))
         plt.close(fig1)
         plt.close(fig2)
-    summary = {k: v for k, v in result.summary.items() if k not in ("layer_names", "spurious", "unmatched_layers")}
+    summary = {k: v for k, v in result.summary.to_dict().items() if k not in ("layer_names", "spurious", "unmatched_layers")}
     table = "\n".join(
         f"<tr><td>{html.escape(r['key'])}</td><td>{html.escape(str(r['layer']))}</td><td>{r['rank']}</td>"
         f"<td>{r['rel_error']:.4f}</td></tr>" for r in rows
