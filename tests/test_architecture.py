@@ -20,7 +20,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("formats",),
     ("families",),
     ("placement",),
-    ("runtime", "ops", "inspection", "saving"),
+    ("saving",),  # lorakit.save: resolve names, then write
+    ("runtime", "ops", "inspection"),
     ("pipelines",),
     ("generation",),
     ("lorakit",),  # the package itself (its lazy __init__): the public library API, which cli and server wrap

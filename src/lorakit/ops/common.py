@@ -18,7 +18,7 @@ from ..errors import FormatError, InternalError, NonFiniteError, SourceNotFoundE
 from ..families import Resolver, Target, checkpoint_router
 from ..families.offline import folder_denoiser
 from ..formats.conventions import PEFT_COMPONENT
-from ..io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, read_safetensors_header, read_tensors
+from ..io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, parse_dtype, read_safetensors_header, read_tensors
 from ..model import LoRA
 
 # diffusers component folders holding the denoiser
@@ -43,7 +43,7 @@ __all__ = [
 #: ``progress(description, done, total)``; the CLI passes a rich progress bar, library callers may pass None.
 Progress = Callable[[str, int, int], None]
 
-#: safetensors dtype code -> torch dtype (the file format's own table, not user spellings: see parse_dtype)
+#: safetensors dtype code -> torch dtype (the file format's own table; user spellings: lorakit.io.parse_dtype)
 ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -60,24 +60,6 @@ ST_DTYPES: dict[str, torch.dtype] = {
 }
 #: torch dtype -> safetensors dtype code (for writing headers)
 ST_NAMES: dict[torch.dtype, str] = {v: k for k, v in ST_DTYPES.items()}
-
-_DTYPE_ALIASES = {
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-}
-
-
-def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    """``"bf16"`` -> ``torch.bfloat16``; ``None`` stays ``None``. The one parser of dtype names in the ops
-    (to be replaced by ``lorakit.io.parse_dtype``)."""
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    try:
-        return _DTYPE_ALIASES[name.lower()]
-    except KeyError:
-        raise FormatError(f"unknown dtype {name!r}; use one of fp32, fp16, bf16") from None
-
 
 class _Unset:
     """The value of a record field a tool did not fill in for this row (today's JSON simply lacks the key)."""
@@ -329,8 +311,9 @@ def save_lora(
     lora: LoRA, path: str | os.PathLike[str], fmt: str = "kohya", *, dtype: torch.dtype | None = None,
     inputs: Iterable[str | os.PathLike[str] | None] = (), metadata: dict[str, str] | None = None,
 ) -> Path:
-    """Write ``lora`` atomically (temp file + rename) in kohya or PEFT spelling via :func:`lorakit.save`."""
-    from ..formats import save
+    """Write ``lora`` atomically (temp file + rename) in kohya or PEFT spelling via :func:`lorakit.save` (PEFT
+    names are resolved through the detected family's meta model, as ``lorakit.save`` does)."""
+    from ..saving import save
 
     if fmt not in ("kohya", "peft"):
         raise FormatError(f"unknown output format {fmt!r}; use 'kohya' or 'peft'")
