@@ -14,6 +14,7 @@ from torch import nn
 from .errors import MatchError
 from .families import Resolver, components_of, detect_family
 from .families.offline import meta_components
+from .formats.conventions import peft_prefix
 from .formats.writer import check_peft_expressible
 from .formats.writer import save as write
 from .io import parse_dtype
@@ -45,7 +46,7 @@ def save(
     comps = None if model is None else _components(model, lora)
     lora = _in_model_layout(lora, comps)
     lora = _flat_names_resolved(lora, comps)
-    prefix = None if model is None else ("transformer." if _denoiser_is_transformer(model, comps) else "unet.")
+    prefix = None if model is None else peft_prefix("denoiser", transformer=_denoiser_is_transformer(model, comps))
     return write(lora, path, "peft", dtype=dtype, inputs=inputs, denoiser_prefix=prefix)
 
 
@@ -69,7 +70,7 @@ def _in_model_layout(lora: LoRA, comps: dict[str, nn.Module] | None) -> LoRA:
             return lora  # no family namespace to translate; flat names are resolved below
         comps = meta_components(family, _wanted(lora))
     denoiser = comps.get("denoiser")
-    prefix = "unet." if denoiser is not None and "UNet" in type(denoiser).__name__ else "transformer."
+    prefix = peft_prefix("denoiser", transformer=denoiser is None or "UNet" not in type(denoiser).__name__)
     moved, _unmatched = to_model_layout(lora, Resolver(comps), denoiser_prefix=prefix)
     return moved
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 from torch import nn
 
-from ..formats.conventions import CHECKPOINT_PREFIXES, MODULE_HEADS, PREFIXES, WRAPPERS
+from ..formats.conventions import CHECKPOINT_PREFIXES, MODULE_HEADS, PEFT_COMPONENT, PREFIXES, WRAPPERS
 from ..model import COMPONENTS, Layer, LoRA
 from .base import NameIndex, RowTransform, Target, build_index
 
@@ -25,11 +25,10 @@ GENERIC = "generic"
 
 # Pipeline attribute(s) holding each canonical component, first present wins.
 _PIPELINE_PARTS: dict[str, tuple[str, ...]] = {
-    "denoiser": ("unet", "transformer", "prior"),
-    "text_encoder": ("text_encoder",),
-    "text_encoder_2": ("text_encoder_2",),
-    "text_encoder_3": ("text_encoder_3",),
+    canon: tuple(attr for attr, c in PEFT_COMPONENT.items() if c == canon) for canon in COMPONENTS
 }
+
+
 def _is_instance_of(obj: object, module_name: str, attr_path: str) -> bool:
     # Only consult a library already imported: if it is not, ``obj`` cannot be one of its classes,
     # and importing diffusers/transformers just to answer "no" would cost seconds.

@@ -21,9 +21,6 @@ from ..formats.conventions import PEFT_COMPONENT
 from ..io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, parse_dtype, read_safetensors_header, read_tensors
 from ..model import LoRA
 
-# diffusers component folders holding the denoiser
-_DENOISER_FOLDERS = ("unet", "transformer", "prior")
-
 __all__ = [
     "ST_DTYPES",
     "ST_NAMES",
@@ -206,7 +203,7 @@ class Checkpoint:
         for sub in sorted(p for p in self.path.iterdir() if p.is_dir()):
             files = sorted(sub.glob("*.safetensors"))
             if files:
-                comp = PEFT_COMPONENT.get(sub.name, sub.name) if sub.name in _DENOISER_FOLDERS else sub.name
+                comp = PEFT_COMPONENT.get(sub.name, sub.name)
                 for f in self._preferred(files):
                     self._add_safetensors(f, comp)
 

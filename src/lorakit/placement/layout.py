@@ -17,7 +17,7 @@ from ..adapters import FullDiff, WeightAdapter
 from ..errors import UnsupportedAdapterError
 from ..families.base import Target
 from ..families.resolve import Resolver
-from ..formats.conventions import PEFT_PREFIX
+from ..formats.conventions import PEFT_PREFIX, PEFT_TRANSFORMER
 from ..model import Layer, LoRA
 from .delta import row_piece
 
@@ -65,7 +65,9 @@ def _moved(layer: Layer, target: Target, denoiser_prefix: str) -> Layer:
     )
 
 
-def to_model_layout(lora: LoRA, resolver: Resolver, *, denoiser_prefix: str = "transformer.") -> tuple[LoRA, list[str]]:
+def to_model_layout(
+    lora: LoRA, resolver: Resolver, *, denoiser_prefix: str = PEFT_TRANSFORMER
+) -> tuple[LoRA, list[str]]:
     """``(LoRA in the model's module names, names of the layers that matched nothing and were kept as-is)``.
     ``resolver``: a :class:`lorakit.families.Resolver` over the model (or its meta-device copy)."""
     layers: dict[str, Layer] = {}
