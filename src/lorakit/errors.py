@@ -17,6 +17,7 @@ keeps working::
     ├── ShapeMismatchError (ValueError)     a delta does not fit its target tensor
     ├── UnknownFamilyError (KeyError)       a model family / variant name lorakit does not know
     ├── PatchOrderError (RuntimeError)      a patch removed while a later one on the model is active
+    ├── ConcurrentPatchError (RuntimeError) another thread is applying/removing a patch on the same model
     ├── InternalError (RuntimeError)        an invariant of lorakit itself broke (a bug: please report it)
     └── ApiError                            the server's HTTP errors: status, machine code, message
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 __all__ = [
     "ApiError",
+    "ConcurrentPatchError",
     "FormatError",
     "IncompleteAdapterError",
     "InternalError",
@@ -100,6 +102,10 @@ class UnknownFamilyError(LorakitError, KeyError):
 
 class PatchOrderError(LorakitError, RuntimeError):
     """A patch was removed while a later patch on the same model is still active."""
+
+
+class ConcurrentPatchError(LorakitError, RuntimeError):
+    """Another thread is applying or removing a patch on the same model; patches on one model are not concurrent."""
 
 
 class InternalError(LorakitError, RuntimeError):
