@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import lorakit
+from _peers import pinned_peer
 from lorakit.errors import MatchError
 from lorakit.families import detect_family
 
@@ -229,18 +230,24 @@ def test_name_map_round_trips_through_diffusers_single_file_converter(version):
     model = _model(**(TINY_25 if version == "2.5" else TINY))
     orig = _original(model, version)
     sd = model.state_dict()
-    if version == "1.0":
-        # Peer bug (diffusers 0.42.1): the converter pops every key out of ``checkpoint`` and only then looks for
-        # its Cosmos 1.0 marker key there, so 1.0 checkpoints always get the 2.0 rename table (the conversion
-        # script, which picks the table by model type, is right). A dict that keeps popped keys reaches the 1.0 table.
-        assert "net.blocks.block1.blocks.0.block.attn.to_q.0.weight" in orig
-        wrong = sfu.convert_cosmos_transformer_checkpoint_to_diffusers(dict(orig))
-        assert "transformer_blocks.block1.transformer_blocks.0.block.attn.to_q.0.weight" in wrong
-        assert not set(wrong) >= set(sd)
+    if version == "1.0":  # a dict that keeps popped keys reaches the 1.0 table (the peer bug: next test)
         orig = _KeepOnPop(orig)
     converted = sfu.convert_cosmos_transformer_checkpoint_to_diffusers(orig)
     assert set(converted) == set(sd)
     assert [k for k in sd if not torch.equal(converted[k], sd[k])] == []
+
+
+@pinned_peer("diffusers", "0.42.1")
+def test_diffusers_single_file_converter_gives_cosmos_1_the_2_0_table():
+    """Peer bug (diffusers 0.42.1): the converter pops every key out of ``checkpoint`` and only then looks for its
+    Cosmos 1.0 marker key there, so 1.0 checkpoints always get the 2.0 rename table (the conversion script, which
+    picks the table by model type, is right)."""
+    model = _model(**TINY)
+    orig = _original(model, "1.0")
+    assert "net.blocks.block1.blocks.0.block.attn.to_q.0.weight" in orig
+    wrong = sfu.convert_cosmos_transformer_checkpoint_to_diffusers(dict(orig))
+    assert "transformer_blocks.block1.transformer_blocks.0.block.attn.to_q.0.weight" in wrong
+    assert not set(wrong) >= set(model.state_dict())
 
 
 def test_anima_converter_agrees_with_lorakit(base):
@@ -265,6 +272,7 @@ def test_anima_converter_agrees_with_lorakit(base):
     assert changed == len(LAYERS)
 
 
+@pinned_peer("diffusers", "0.42.1")
 def test_what_diffusers_does_not_convert_is_pinned(base):
     """diffusers 0.42.1: Cosmos2_5_PredictBasePipeline (CosmosLoraLoaderMixin) passes native names through, so
     nothing names a module; Anima's converter renames ``diffusion_model.`` paths only (not kohya ``lora_unet_``,

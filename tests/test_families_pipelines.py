@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import lorakit
+from _peers import pinned_peer
 from lorakit.families import detect_family
 
 diffusers = pytest.importorskip("diffusers")
@@ -55,6 +56,7 @@ def test_sdxl_sgm_names_agree_with_diffusers_conversion():
     assert changed == len(picks)
 
 
+@pinned_peer("diffusers", "0.42.1")
 def test_diffusers_misplaces_an_upsampler_without_attentions_lorakit_does_not():
     """Peer bug (diffusers 0.42.1): SGM ``output_blocks.N.1.conv`` (the upsampler of an up block WITHOUT attentions,
     as in SD 1.x's first up block) becomes ``up_blocks.i.attentions.1.conv``, which no UNet has."""
@@ -124,6 +126,7 @@ def test_kohya_file_lands_on_every_component(family):
         assert all(torch.equal(v, before[comp][k]) for k, v in module.state_dict().items())
 
 
+@pinned_peer("diffusers", "0.42.1")
 def test_diffusers_does_not_convert_kohya_sd3_names():
     """Peer fact (diffusers 0.42.1, issue #9950): ``lora_unet_joint_blocks_*`` keys pass through SD3's
     ``lora_state_dict`` untouched, so none of them names a module of SD3Transformer2DModel."""

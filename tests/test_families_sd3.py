@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import lorakit
+from _peers import pinned_peer
 from lorakit.errors import MatchError
 from lorakit.families import detect_family
 
@@ -260,6 +261,7 @@ class _Capture(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+@pinned_peer("diffusers", "0.42.1")
 def test_diffusers_loads_kohya_sd3_names_as_zero_keys_lorakit_places_all():
     """Peer fact (diffusers 0.42.1, issue #9950): SD3's ``lora_state_dict`` has no converter for
     ``lora_unet_joint_blocks_*`` and ``load_lora_into_transformer`` (what ``load_lora_weights`` calls) finds no

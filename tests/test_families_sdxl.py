@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import lorakit
+from _peers import pinned_peer
 from lorakit.families import build_index, detect_family
 
 diffusers = pytest.importorskip("diffusers")
@@ -234,61 +235,88 @@ def test_every_sdxl_layer_agrees_with_diffusers_conversion_and_peft_fuse():
     assert changed == len(picks)
 
 
-def test_diffusers_misplaces_sd1_layouts_lorakit_does_not():
+def _deep_sd1():
+    """SD 1.x depth: 4 levels of 2 layers, 12 input and 12 output blocks."""
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 32, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, attention_head_dim=4, cross_attention_dim=32,
+        norm_num_groups=8).eval()
+
+
+DEEP_PICKS = (("input_blocks.1.1.proj_in", "down_blocks.0.attentions.0.proj_in"),
+              ("input_blocks.10.0.in_layers.2", "down_blocks.3.resnets.0.conv1"),
+              ("output_blocks.11.1.proj_out", "up_blocks.3.attentions.2.proj_out"),
+              ("output_blocks.2.1.conv", "up_blocks.0.upsamplers.0.conv"))
+
+
+@pinned_peer("diffusers", "0.42.1")
+def test_diffusers_misplaces_sd1_layouts():
     """Peer bugs (diffusers 0.42.1, SGM remap with the UNet's config): an upsampler on an up block WITHOUT
     attentions (``output_blocks.N.1.conv``) becomes ``up_blocks.i.attentions.1.conv``; ``layers_per_block`` given
     per block raises TypeError; with 10+ input blocks (SD 1.x: 12) ``input_blocks_1`` also claims
-    ``input_blocks_10_*`` keys and the remap raises KeyError."""
+    ``input_blocks_10_*`` keys and the remap raises KeyError. lorakit's side: the next test."""
     unet = _sd15()
-    picks = PICKS["sd15"]
-    state = _state(_factors(unet, picks), "kohya")
-    converted, _ = _peer(state, unet)
+    converted, _ = _peer(_state(_factors(unet, PICKS["sd15"]), "kohya"), unet)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = lorakit.apply(copy.deepcopy(unet), lorakit.load(converted, strict=True), strict=False)
     assert theirs.report.unmatched["0:lora"] == ["unet.up_blocks.0.attentions.1.conv"]
+    per_block = _per_block()
+    with pytest.raises(TypeError):
+        _peer(_state(_factors(per_block, PICKS["per_block"]), "kohya"), per_block)
+    deep = _deep_sd1()
+    with pytest.raises(KeyError):
+        _peer(_state(_factors(deep, DEEP_PICKS), "kohya"), deep)
+
+
+def test_sd1_layouts_diffusers_misplaces_land_where_diffusers_names_do():
+    """The layouts of the peer bugs above (any diffusers version): lorakit places every SGM key."""
+    unet = _sd15()
+    state = _state(_factors(unet, PICKS["sd15"]), "kohya")
     ours = lorakit.apply(copy.deepcopy(unet), lorakit.load(state, strict=True), strict=True)
     assert ours.report.matched["0:lora"]["lora_unet_output_blocks_1_1_conv"] == ["denoiser:up_blocks.0.upsamplers.0.conv"]
 
     per_block = _per_block()
     state = _state(_factors(per_block, PICKS["per_block"]), "kohya")
-    with pytest.raises(TypeError):
-        _peer(state, per_block)
     ours = lorakit.apply(per_block, lorakit.load(state, strict=True), strict=True)
     assert ours.report.counts()["0:lora"]["matched"] == len(PICKS["per_block"])
 
-    torch.manual_seed(0)
-    deep = UNet2DConditionModel(  # SD 1.x depth: 4 levels of 2 layers, 12 input and 12 output blocks
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 32, 64, 64),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, attention_head_dim=4, cross_attention_dim=32,
-        norm_num_groups=8).eval()
-    picks = (("input_blocks.1.1.proj_in", "down_blocks.0.attentions.0.proj_in"),
-             ("input_blocks.10.0.in_layers.2", "down_blocks.3.resnets.0.conv1"),
-             ("output_blocks.11.1.proj_out", "up_blocks.3.attentions.2.proj_out"),
-             ("output_blocks.2.1.conv", "up_blocks.0.upsamplers.0.conv"))
-    factors = _factors(deep, picks)
+    deep = _deep_sd1()
+    factors = _factors(deep, DEEP_PICKS)
     state = _state(factors, "kohya")
-    with pytest.raises(KeyError):
-        _peer(state, deep)
     ours, ref = copy.deepcopy(deep), copy.deepcopy(deep)
     lorakit.apply(ours, lorakit.load(state, strict=True), strict=True)
-    lorakit.apply(ref, lorakit.load(_diffusers_equivalent(factors, picks)), strict=True)
+    lorakit.apply(ref, lorakit.load(_diffusers_equivalent(factors, DEEP_PICKS)), strict=True)
     assert all(torch.equal(v, ref.state_dict()[k]) for k, v in ours.state_dict().items())
-    assert sum(not torch.equal(v, deep.state_dict()[k]) for k, v in ours.state_dict().items()) == len(picks)
+    assert sum(not torch.equal(v, deep.state_dict()[k]) for k, v in ours.state_dict().items()) == len(DEEP_PICKS)
 
 
-def test_mixed_sgm_and_diffusers_names_all_land():
-    """Peer fact: a file mixing SGM and diffusers UNet names loses its SGM keys in diffusers' remap, silently."""
-    unet = _sdxl()
+def _mixed(unet):
+    """Two SGM-named kohya LoRAs and one diffusers-named (``lora_unet_mid_block_...``) in one file."""
     picks = PICKS["sdxl"][6:9]
     factors = _factors(unet, picks)
     sgm = _state(dict(list(factors.items())[:2]), "kohya")
     (_, diff), (down, up) = picks[2], factors[picks[2][0]]
     stem = "lora_unet_" + diff.replace(".", "_")
     mixed = {**sgm, f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up, f"{stem}.alpha": torch.tensor(ALPHA)}
-    converted, _ = _peer(mixed, unet)
+    return picks, factors, mixed
+
+
+@pinned_peer("diffusers", "0.42.1")
+def test_diffusers_drops_the_sgm_keys_of_a_mixed_file():
+    """Peer fact (diffusers 0.42.1): a file mixing SGM and diffusers UNet names loses its SGM keys in diffusers'
+    remap, silently."""
+    unet = _sdxl()
+    converted, _ = _peer(_mixed(unet)[2], unet)
     assert {k.rsplit(".lora", 1)[0] for k in converted} == {"unet.mid_block.attentions.0.proj_in"}
+
+
+def test_mixed_sgm_and_diffusers_names_all_land():
+    """A file mixing SGM and diffusers UNet names (which diffusers' remap mishandles, above): every key lands."""
+    unet = _sdxl()
+    picks, factors, mixed = _mixed(unet)
     lora = lorakit.load(mixed, strict=True)
     assert lora.report.ok and set(lora.report.consumed) == set(mixed)
     ours, ref = copy.deepcopy(unet), copy.deepcopy(unet)
@@ -301,7 +329,7 @@ def test_mixed_sgm_and_diffusers_names_all_land():
 
 def test_dora_on_sgm_names():
     """kohya DoRA (``dora_scale`` [out, 1]) on SGM names equals PEFT DoRA (``lora_magnitude_vector``) on diffusers
-    names and the DoRA formula; diffusers' SDXL loader drops every ``dora_scale`` (with a warning)."""
+    names and the DoRA formula (diffusers' SDXL loader drops every ``dora_scale``: the next test)."""
     unet = _sdxl()
     picks = (PICKS["sdxl"][6], PICKS["sdxl"][11])  # a Linear and a 3x3 conv
     factors = _factors(unet, picks)
@@ -327,6 +355,18 @@ def test_dora_on_sgm_names():
         w1 = w + (ALPHA / RANK) * (up.flatten(1) @ down.flatten(1)).reshape(w.shape)
         want = mags[sgm].reshape(-1, *[1] * (w.dim() - 1)) * w1 / w1.flatten(1).norm(dim=1).reshape(-1, *[1] * (w.dim() - 1))
         torch.testing.assert_close(ours_sd[f"{diff}.weight"], want, rtol=1e-5, atol=1e-6)
+
+
+@pinned_peer("diffusers", "0.42.1")
+def test_diffusers_drops_kohya_dora_scale():
+    """Peer fact (diffusers 0.42.1): the SDXL loader's SGM conversion drops every ``dora_scale`` (with a warning);
+    lorakit applies them (test_dora_on_sgm_names)."""
+    unet = _sdxl()
+    picks = (PICKS["sdxl"][6], PICKS["sdxl"][11])
+    state = _state(_factors(unet, picks), "kohya")
+    mods = dict(unet.named_modules())
+    state |= {f"lora_unet_{sgm.replace('.', '_')}.dora_scale": mods[diff].weight.flatten(1).norm(dim=1).reshape(-1, 1)
+              for sgm, diff in picks}
     converted, _ = _peer(state, unet)
     assert converted and not any("magnitude" in k or "dora" in k for k in converted)
 

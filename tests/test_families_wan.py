@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import lorakit
+from _peers import pinned_peer
 from lorakit.errors import MatchError
 from lorakit.families import detect_family
 
@@ -231,6 +232,7 @@ def _convert(state):
         return WanPipeline.lora_state_dict(copy.deepcopy(state))
 
 
+@pinned_peer("diffusers", "0.42.1")
 def test_diffusers_converter_agrees_on_pairs_and_bias_diffs_and_drops_the_rest():
     """Peer: diffusers' native converter gives the same weights for A/B pairs, diff_b and head.head.diff (+ diff_b,
     written as a LoRA with an identity lora_B), and drops diff_m, norm diffs, full diffs inside blocks, the patch
@@ -271,14 +273,13 @@ PEER_FAILURES = {
 }
 
 
-@pytest.mark.parametrize("case", list(PEER_FAILURES))
-def test_diffusers_converter_failures_on_global_layers(case):
-    """Peer bugs pinned; lorakit places each of these layers."""
-    layers, error, match = PEER_FAILURES[case]
+def _global_layer_file(case):
+    """A native file with blocks.0.self_attn.q (with an alpha) and the global layers of one PEER_FAILURES case."""
+    layers = PEER_FAILURES[case][0]
     shapes = {o: (down, up) for o, _, down, up in PAIRS}
     targets = {o: d for o, d, *_ in PAIRS}
     factors = _factors(PAIRS, seed=7)
-    state = _file(PAIRS[:1], factors, "native")  # blocks.0.self_attn.q with an alpha
+    state = _file(PAIRS[:1], factors, "native")
     for orig, kind in layers.items():
         if kind == "lora":
             state |= _file([(orig, targets[orig], *shapes[orig])], factors, "native")
@@ -286,9 +287,24 @@ def test_diffusers_converter_failures_on_global_layers(case):
             state[f"diffusion_model.{orig}.diff"] = torch.randn(shapes[orig][1][0], shapes[orig][0][1]) * 0.1
         else:
             state[f"diffusion_model.{orig}.diff_b"] = torch.randn(shapes[orig][1][0]) * 0.1
+    return state
+
+
+@pinned_peer("diffusers", "0.42.1")
+@pytest.mark.parametrize("case", list(PEER_FAILURES))
+def test_diffusers_converter_failures_on_global_layers(case):
+    """Peer bugs pinned (diffusers 0.42.1); lorakit's side: the next test."""
+    _, error, match = PEER_FAILURES[case]
     with pytest.raises(error, match=match):
-        _convert(state)
-    lora = _load(state)
+        _convert(_global_layer_file(case))
+
+
+@pytest.mark.parametrize("case", list(PEER_FAILURES))
+def test_global_layers_the_converter_fails_on_are_placed(case):
+    """lorakit places each global layer of the files diffusers' converter fails on (any diffusers version)."""
+    layers = PEER_FAILURES[case][0]
+    targets = {o: d for o, d, *_ in PAIRS}
+    lora = _load(_global_layer_file(case))
     base = _model()
     model = copy.deepcopy(base)
     patch = lorakit.apply(model, lora, strict=True)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import lorakit
+from _peers import pinned_peer
 
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
@@ -122,23 +123,33 @@ def test_peft_file_hook_matches_diffusers_unfused_forward(tmp_path):
         assert torch.equal(ours(sample, t, ctx).sample, base_out)
 
 
-def test_diffusers_unfuse_drifts_but_lorakit_restores_bf16(tmp_path):
-    """The bug lorakit exists to avoid: diffusers' unfuse subtracts a recomputed delta (FORMATS.md §9.3)."""
+@pinned_peer("diffusers", "0.42.1")
+def test_diffusers_unfuse_drifts_in_bf16(tmp_path):
+    """The bug lorakit exists to avoid (diffusers 0.42.1): unfuse subtracts a recomputed delta (FORMATS.md §9.3),
+    so a bf16 model is not restored. lorakit's side: the next test."""
     path = _peft_file(tmp_path)
     base = _unet().to(torch.bfloat16)
-    ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
+    theirs = copy.deepcopy(base)
     _diffusers_load(theirs, path)
     theirs.fuse_lora()
     theirs.unfuse_lora()
     theirs.unload_lora()
-    drifted = sum(not torch.equal(v, base.state_dict()[k]) for k, v in theirs.state_dict().items())
+    assert sum(not torch.equal(v, base.state_dict()[k]) for k, v in theirs.state_dict().items()) > 0
+
+
+def test_lorakit_restores_bf16_exactly(tmp_path):
+    """Five apply/remove cycles of the same file on a bf16 model leave every weight bit-exact."""
+    path = _peft_file(tmp_path)
+    base = _unet().to(torch.bfloat16)
+    ours = copy.deepcopy(base)
     for _ in range(5):
-        lorakit.apply(ours, [(path, 1.0)]).remove()
-    exact = all(torch.equal(v, base.state_dict()[k]) for k, v in ours.state_dict().items())
-    assert exact
-    assert drifted > 0  # documents the peer's behaviour; if diffusers fixes it this assert tells us
+        patch = lorakit.apply(ours, [(path, 1.0)])
+        assert any(not torch.equal(v, base.state_dict()[k]) for k, v in ours.state_dict().items())  # it applied
+        patch.remove()
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in ours.state_dict().items())
 
 
+@pinned_peer("diffusers", "0.42.1")
 def test_diffusers_path_load_ignores_alpha(tmp_path):
     """Peer quirk (diffusers 0.42.1): ``load_lora_adapter(<file path>)`` loads scale 1 although the file's
     ``lora_adapter_metadata`` says lora_alpha=8, r=4 (scale 2). lorakit reads the header."""
@@ -150,9 +161,8 @@ def test_diffusers_path_load_ignores_alpha(tmp_path):
     assert theirs.peft_config["a"].lora_alpha == theirs.peft_config["a"].r  # the quirk, documented
 
 
-def test_diffusers_convert_state_dict_to_kohya_output_is_fully_placed(tmp_path):
-    """diffusers' kohya export writes DoRA magnitudes as ``..._attn1.to_q.lora_magnitude_vector`` (not renamed,
-    path half flattened: FORMATS.md §9.1). lorakit places every key and keeps the DoRA delta."""
+def _kohya_export():
+    """A PEFT DoRA on a tiny UNet and diffusers' kohya export of it."""
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 
     unet = _unet()
@@ -163,8 +173,21 @@ def test_diffusers_convert_state_dict_to_kohya_output_is_fully_placed(tmp_path):
             if "lora_magnitude_vector" in name:
                 p.copy_(p.abs() + 0.3)
     peft_state = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()}
-    kohya_state = convert_state_dict_to_kohya(peft_state)
-    assert any(".to_q.lora_magnitude_vector" in k for k in kohya_state)  # the peer's misnaming is still there
+    return unet, convert_state_dict_to_kohya(peft_state)
+
+
+@pinned_peer("diffusers", "0.42.1")
+def test_diffusers_kohya_export_misnames_dora_magnitudes():
+    """Peer quirk (diffusers 0.42.1): the kohya export writes DoRA magnitudes as
+    ``..._attn1.to_q.lora_magnitude_vector`` (not renamed, path half flattened: FORMATS.md §9.1)."""
+    _, kohya_state = _kohya_export()
+    assert any(".to_q.lora_magnitude_vector" in k for k in kohya_state)
+
+
+def test_diffusers_convert_state_dict_to_kohya_output_is_fully_placed(tmp_path):
+    """Whatever diffusers' kohya export names its DoRA magnitudes (0.42.1: the quirk above), lorakit places every
+    key and keeps the DoRA delta."""
+    unet, kohya_state = _kohya_export()
     lora = lorakit.load(kohya_state, strict=True)
     assert lora.report.ok and set(lora.report.consumed) == set(kohya_state)
     assert lora.adapter_types()["dora"] == lora.adapter_types()["lora"] == len(lora) > 0
