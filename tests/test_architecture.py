@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "lorakit"
 
 # bottom to top; a module may import a lower layer or its own package, never a higher or a sibling layer
 LAYERS: list[tuple[str, ...]] = [
-    ("errors",),
+    ("errors", "_quiet"),  # _quiet: standard library only (filters for dependencies' known noise)
     ("io",),
     ("adapters",),
     ("model",),
