@@ -31,6 +31,7 @@ __all__ = [
     "SAFETENSORS_DTYPES",
     "SAFETENSORS_SUFFIXES",
     "SafetensorsEntry",
+    "atomic_folder",
     "atomic_output",
     "check_not_input",
     "check_output",
@@ -339,15 +340,26 @@ def check_output(
     return target
 
 
+def _about_output(name: object, target: Path, tmp: Path | None) -> bool:
+    """Whether an OSError's ``filename`` is the output, its temp file, or a folder on the way to it."""
+    if name is None:
+        return True
+    if not isinstance(name, (str, bytes, os.PathLike)):
+        return False
+    path, target = Path(os.path.abspath(os.fsdecode(name))), Path(os.path.abspath(target))
+    tmp = None if tmp is None else Path(os.path.abspath(tmp))
+    if path == target or path == tmp or (tmp is not None and tmp in path.parents) or path in target.parents:
+        return True
+    return path.parent == target.parent and path.name.startswith(f".{target.name}.")
+
+
 def _output_error(exc: BaseException, target: Path, tmp: Path | None) -> OSError | None:
     """The OSError a failed write of ``target`` should raise (naming ``target``, not its temp file), or None when
     ``exc`` is not a write error of this output (an input that failed to read keeps its own error)."""
     if isinstance(exc, LorakitError):
         return None
     if isinstance(exc, OSError):
-        name = exc.filename
-        mine = name is None or any(str(name).startswith(str(p)) for p in (target, tmp) if p is not None)
-        code = exc.errno if mine else None
+        code = exc.errno if _about_output(exc.filename, target, tmp) else None
     else:  # safetensors' writer reports I/O failures as SafetensorError("... (os error 28) ...")
         found = re.search(r"\(os error (\d+)\)", str(exc)) if type(exc).__name__ == "SafetensorError" else None
         code = int(found.group(1)) if found else None
@@ -449,6 +461,34 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Like :func:`atomic_output` for a folder output: yield a temporary folder next to ``path`` (absent or an
+    empty folder) and move it into place only on success; on any error it is removed. Write errors (``OSError``) are
+    raised again naming ``path``."""
+    target = Path(path).expanduser()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    except OSError as exc:
+        raise (_output_error(exc, target, None) or exc) from exc
+    try:
+        with temp_lock(tmp):
+            yield tmp
+            if target.exists():
+                target.rmdir()
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the output is an ordinary folder
+            os.replace(tmp, target)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        better = _output_error(exc, target, tmp) if isinstance(exc, Exception) else None
+        if better is not None:
+            raise better from exc
+        raise
 
 
 def write_tensors(
