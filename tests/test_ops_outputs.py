@@ -312,3 +312,17 @@ def test_merge_removes_stale_temp_files_of_its_output(files):
     assert not stale_file.exists() and not stale_dir.exists()
     assert all(p.exists() for p in others)
     assert sorted(p.name for p in lio.remove_stale_temps(out)) == [live.name]
+
+
+def test_pickle_outputs_enospc_is_an_os_error(files, monkeypatch):
+    """torch.save writes through a Python file, so a full disk is an OSError naming the output, not a RuntimeError."""
+    monkeypatch.setattr(merge_mod, "open", _FullDisk, raising=False)
+    out = files / "m.pt"
+    with pytest.raises(OSError) as info:
+        merge(files / "base.safetensors", [(files / "a.safetensors", 1.0)], out, format="pt")
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(out)
+    monkeypatch.setattr(lio, "open", _FullDisk, raising=False)
+    with pytest.raises(OSError) as info:
+        lio.write_tensors({"x": torch.ones(64)}, files / "l.pt")
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(files / "l.pt")
+    assert not out.exists() and not (files / "l.pt").exists() and not list(files.glob(".*.tmp"))

@@ -358,6 +358,9 @@ def _output_error(exc: BaseException, target: Path, tmp: Path | None) -> OSError
     ``exc`` is not a write error of this output (an input that failed to read keeps its own error)."""
     if isinstance(exc, LorakitError):
         return None
+    cause = exc.__context__
+    if not isinstance(exc, OSError) and isinstance(cause, OSError):
+        exc = cause  # torch.save's zip writer hides a failed write behind a RuntimeError raised while closing
     if isinstance(exc, OSError):
         code = exc.errno if _about_output(exc.filename, target, tmp) else None
     else:  # safetensors' writer reports I/O failures as SafetensorError("... (os error 28) ...")
@@ -512,7 +515,8 @@ def write_tensors(
         clean[key] = value
     with atomic_output(target) as tmp:
         if target.suffix.lower() in PICKLE_SUFFIXES:
-            torch.save(clean, tmp)
+            with open(tmp, "wb") as fh:  # through a Python file, so a failed write is an OSError (ENOSPC ...)
+                torch.save(clean, fh)
         else:
             from safetensors.torch import save_file
 

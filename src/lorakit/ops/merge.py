@@ -280,8 +280,8 @@ def _write_pt(ckpt: Checkpoint, out: Path, plan: Plan, out_dtype: torch.dtype | 
         dt = out_dtype if out_dtype is not None and w.is_floating_point() else w.dtype
         state[info.ref] = _patched(w, ops, info, dt) if ops else w.to(dt).clone()
         patched += bool(ops)
-    with atomic_output(out) as tmp:
-        torch.save(state, tmp)
+    with atomic_output(out) as tmp, open(tmp, "wb") as fh:
+        torch.save(state, fh)  # through a Python file, so a failed write is an OSError (ENOSPC ...), not a RuntimeError
     return patched
 
 
