@@ -47,7 +47,9 @@ def cli() -> None:
 
 
 def _terminate(signum: int, _frame: object) -> None:
-    """SIGTERM handler: unwind like Ctrl-C, so every ``atomic_output`` removes its temp file on the way out."""
+    """SIGTERM handler: unwind like Ctrl-C, so every ``atomic_output`` removes its temp file on the way out (a
+    second SIGTERM is ignored so it cannot cut that cleanup short; ``main`` restores the handler)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise SystemExit(128 + signum)
 
 
