@@ -5,30 +5,46 @@ hub references through the local huggingface_hub cache, and atomic writes that n
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import math
 import os
 import pickle
 import re
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from .errors import FormatError, OverwriteError, SourceNotFoundError, UnsafeFileError
+from .errors import FormatError, LorakitError, OverwriteError, SourceNotFoundError, UnsafeFileError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory locks, stale temp files are removed unconditionally
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "PICKLE_SUFFIXES",
+    "SAFETENSORS_DTYPES",
     "SAFETENSORS_SUFFIXES",
+    "SafetensorsEntry",
+    "atomic_folder",
     "atomic_output",
     "check_not_input",
+    "check_output",
     "parse_dtype",
     "parse_lora_spec",
     "read_metadata",
     "read_safetensors_header",
     "read_tensors",
+    "remove_stale_temps",
     "resolve_source",
+    "scan_safetensors",
+    "temp_lock",
+    "validate_safetensors_header",
     "write_tensors",
 ]
 
@@ -161,6 +177,93 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     return {str(k): str(v) for k, v in meta.items()}
 
 
+#: safetensors dtype code -> torch dtype (the file format's own table; user spellings: :func:`parse_dtype`)
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class SafetensorsEntry(NamedTuple):
+    """One checked tensor entry of a safetensors header; ``start``/``end`` are relative to the data section."""
+
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _header_entry(key: str, spec: object, data_len: int, path: object) -> SafetensorsEntry:
+    where = f"{path}: tensor {key!r}"
+    if not isinstance(spec, dict):
+        raise FormatError(f"{where}: its header entry is not a JSON object; the file is damaged")
+    code = spec.get("dtype")
+    if code is None:
+        raise FormatError(f"{where} has no dtype in the header; the file is damaged")
+    dtype = SAFETENSORS_DTYPES.get(code) if isinstance(code, str) else None
+    if dtype is None:
+        raise FormatError(f"{where} has dtype {code!r}, which lorakit cannot read (known: {', '.join(SAFETENSORS_DTYPES)})")
+    shape = spec.get("shape")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise FormatError(f"{where} has shape {shape!r}; a shape must be a list of non-negative integers")
+    offsets = spec.get("data_offsets")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        raise FormatError(f"{where} has data_offsets {offsets!r}; expected [start, end], two non-negative integers")
+    start, end = offsets
+    if end < start:
+        raise FormatError(f"{where} has reversed data_offsets [{start}, {end}]; the file is damaged")
+    nbytes = math.prod(shape) * dtype.itemsize  # python ints: a claim of 10**12 elements allocates nothing
+    if end - start != nbytes:
+        raise FormatError(f"{where}: shape {shape} of {code} needs {nbytes} bytes, but its data_offsets span "
+                          f"{end - start}; the header is damaged")
+    if end > data_len:
+        raise FormatError(f"{where} ends at data byte {end}, but the file holds only {data_len} data bytes; "
+                          "the file is truncated or its header is damaged")
+    return SafetensorsEntry(key, dtype, tuple(shape), start, end)
+
+
+def validate_safetensors_header(header: Mapping[str, Any], data_len: int, path: object) -> list[SafetensorsEntry]:
+    """Check every tensor entry of a safetensors ``header`` against the ``data_len`` bytes that follow it in the
+    file, before any data is read: known dtype, a shape of non-negative integers, ``[start, end]`` offsets in
+    range with ``end - start = numel * itemsize``, and no two tensors sharing bytes. Any violation raises
+    :class:`FormatError` naming ``path`` and the tensor. Returns the entries in file order."""
+    if not isinstance(header, Mapping):
+        raise FormatError(f"{path} is not a readable safetensors file: its header is not a JSON object")
+    if data_len < 0:
+        raise FormatError(f"{path}: its header runs {-data_len} bytes past the end of the file; the file is truncated")
+    meta = header.get("__metadata__")
+    if meta is not None and not isinstance(meta, dict):
+        raise FormatError(f"{path}: its __metadata__ is not a JSON object; the file is damaged")
+    entries = [_header_entry(k, v, data_len, path) for k, v in header.items() if k != "__metadata__"]
+    entries.sort(key=lambda e: (e.start, e.end))
+    previous: SafetensorsEntry | None = None
+    for entry in entries:
+        if entry.end == entry.start:
+            continue
+        if previous is not None and entry.start < previous.end:
+            raise FormatError(f"{path}: tensors {previous.key!r} and {entry.key!r} overlap in the file "
+                              f"([{previous.start}, {previous.end}] and [{entry.start}, {entry.end}]); the header is damaged")
+        previous = entry
+    return entries
+
+
+def scan_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[SafetensorsEntry], int]:
+    """``(header, checked entries, byte offset of the data section)`` of a safetensors file: the header read by
+    :func:`read_safetensors_header` and checked by :func:`validate_safetensors_header` against the file's size."""
+    header, start = read_safetensors_header(path)
+    try:
+        size = os.path.getsize(path)
+    except OSError as exc:
+        raise FormatError(f"{path} is not a readable safetensors file: {exc}") from exc
+    return header, validate_safetensors_header(header, size - start, path), start
+
+
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -193,7 +296,8 @@ def _flatten_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
 
 
 def check_not_input(output: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | None]) -> None:
-    """Raise :class:`OverwriteError` when ``output`` names the same file as one of ``inputs``."""
+    """Raise :class:`OverwriteError` when ``output`` names the same file as one of ``inputs``, or an existing
+    file inside an input folder (a diffusers model folder, say)."""
     out = Path(output).expanduser().resolve()
     for item in inputs:
         if item is None:
@@ -203,20 +307,146 @@ def check_not_input(output: str | os.PathLike[str], inputs: Iterable[str | os.Pa
             continue
         if src.resolve() == out or (out.exists() and os.path.samefile(src, out)):
             raise OverwriteError(f"Output {output} is the same file as input {item}; choose another output path.")
+        if src.is_dir() and out.exists() and out.is_relative_to(src.resolve()):
+            raise OverwriteError(f"Output {output} is a file of the input folder {item}; choose another output path.")
+
+
+def _writable_ancestor(target: Path) -> Path:
+    """The nearest existing folder above ``target`` (where the missing ones will be created)."""
+    anc = target.parent
+    while not anc.exists() and anc.parent != anc:
+        anc = anc.parent
+    return anc
+
+
+def check_output(
+    output: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | None] = (), *, folder: bool = False
+) -> Path:
+    """Check an output path before any work starts: not one of ``inputs`` (:class:`OverwriteError`), not an
+    existing folder for a file output (or an existing file for a ``folder`` output: :class:`OverwriteError`),
+    and a parent folder this process may create files in (:class:`PermissionError` / :class:`NotADirectoryError`,
+    the ``OSError`` a write would raise, with ``filename`` the output). Returns the output as a Path."""
+    target = Path(output).expanduser()
+    check_not_input(target, inputs)
+    if not folder and target.is_dir():
+        raise OverwriteError(f"Output {output} is a folder; pass a file path such as {target / 'out.safetensors'}.")
+    if folder and target.exists() and not target.is_dir():
+        raise OverwriteError(f"Output {output} is a file, but this output is a folder; choose another output path.")
+    anc = _writable_ancestor(target)
+    if not anc.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"{anc} is a file, not a folder", str(output))
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, f"Permission denied: cannot create files in {anc}", str(output))
+    return target
+
+
+def _about_output(name: object, target: Path, tmp: Path | None) -> bool:
+    """Whether an OSError's ``filename`` is the output, its temp file, or a folder on the way to it."""
+    if name is None:
+        return True
+    if not isinstance(name, (str, bytes, os.PathLike)):
+        return False
+    path, target = Path(os.path.abspath(os.fsdecode(name))), Path(os.path.abspath(target))
+    tmp = None if tmp is None else Path(os.path.abspath(tmp))
+    if path == target or path == tmp or (tmp is not None and tmp in path.parents) or path in target.parents:
+        return True
+    return path.parent == target.parent and path.name.startswith(f".{target.name}.")
+
+
+def _output_error(exc: BaseException, target: Path, tmp: Path | None) -> OSError | None:
+    """The OSError a failed write of ``target`` should raise (naming ``target``, not its temp file), or None when
+    ``exc`` is not a write error of this output (an input that failed to read keeps its own error)."""
+    if isinstance(exc, LorakitError):
+        return None
+    cause = exc.__context__
+    if not isinstance(exc, OSError) and isinstance(cause, OSError):
+        exc = cause  # torch.save's zip writer hides a failed write behind a RuntimeError raised while closing
+    if isinstance(exc, OSError):
+        code = exc.errno if _about_output(exc.filename, target, tmp) else None
+    else:  # safetensors' writer reports I/O failures as SafetensorError("... (os error 28) ...")
+        found = re.search(r"\(os error (\d+)\)", str(exc)) if type(exc).__name__ == "SafetensorError" else None
+        code = int(found.group(1)) if found else None
+    if code is None:
+        return None
+    return OSError(code, os.strerror(code), str(target))
+
+
+def _lock(fd: int) -> None:
+    """Mark a temp file (or folder) as in use, so :func:`remove_stale_temps` of another run leaves it alone."""
+    if fcntl is not None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+@contextlib.contextmanager
+def temp_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold the in-use mark of a temp file or folder (see :func:`remove_stale_temps`) for the ``with`` block."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _lock(fd)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _in_use(path: Path) -> bool:
+    if fcntl is None:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the probe's lock
+    return False
+
+
+def remove_stale_temps(output: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temp files / folders (``.{name}.XXXXXXXX.tmp``) that earlier, killed writes of ``output`` left
+    next to it; those of a write still running (it holds a lock on them) are kept. Returns what was removed."""
+    target = Path(output).expanduser()
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.tmp$")
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    for path in sorted(target.parent.iterdir()):
+        if not pattern.match(path.name) or _in_use(path):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        removed.append(path)
+    return removed
 
 
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path in the target folder; rename it onto ``path`` only on success.
 
-    On any error the temporary file is removed, so no partial output is ever left behind.
+    On any error the temporary file is removed, so no partial output is ever left behind. A ``path`` that is
+    a folder raises :class:`OverwriteError` before the body runs; an ``OSError`` while writing (no space left,
+    permission denied) is raised again as an ``OSError`` of the same errno whose ``filename`` is ``path``.
     """
     target = Path(path).expanduser()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    if target.is_dir():
+        raise OverwriteError(f"Output {path} is a folder; pass a file path such as {target / 'out.safetensors'}.")
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise (_output_error(exc, target, None) or exc) from exc
+    tmp = Path(tmp_name)
+    if fcntl is None:  # pragma: no cover - Windows cannot rename a file that is still open
+        os.close(fd)
+        fd = -1
+    try:
+        _lock(fd)
         yield tmp
         # mkstemp creates 0600 files; give the output the permissions a plain open() would.
         umask = os.umask(0)
@@ -224,9 +454,43 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
         if tmp.exists():
             os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        better = _output_error(exc, target, tmp) if isinstance(exc, Exception) else None
+        if better is not None:
+            raise better from exc
+        raise
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Like :func:`atomic_output` for a folder output: yield a temporary folder next to ``path`` (absent or an
+    empty folder) and move it into place only on success; on any error it is removed. Write errors (``OSError``) are
+    raised again naming ``path``."""
+    target = Path(path).expanduser()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    except OSError as exc:
+        raise (_output_error(exc, target, None) or exc) from exc
+    try:
+        with temp_lock(tmp):
+            yield tmp
+            if target.exists():
+                target.rmdir()
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the output is an ordinary folder
+            os.replace(tmp, target)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        better = _output_error(exc, target, tmp) if isinstance(exc, Exception) else None
+        if better is not None:
+            raise better from exc
         raise
 
 
@@ -238,8 +502,7 @@ def write_tensors(
     inputs: Iterable[str | os.PathLike[str] | None] = (),
 ) -> Path:
     """Write ``tensors`` atomically as safetensors (or a ``weights_only``-loadable pickle for .pt/.ckpt/.bin)."""
-    target = Path(path).expanduser()
-    check_not_input(target, inputs)
+    target = check_output(path, inputs)
     clean: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for key, value in tensors.items():
@@ -252,7 +515,8 @@ def write_tensors(
         clean[key] = value
     with atomic_output(target) as tmp:
         if target.suffix.lower() in PICKLE_SUFFIXES:
-            torch.save(clean, tmp)
+            with open(tmp, "wb") as fh:  # through a Python file, so a failed write is an OSError (ENOSPC ...)
+                torch.save(clean, fh)
         else:
             from safetensors.torch import save_file
 

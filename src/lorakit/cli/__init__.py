@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
+import threading
 
 import click
 
@@ -44,8 +46,33 @@ def cli() -> None:
     compose, resize, validate and serve."""
 
 
+def _terminate(signum: int, _frame: object) -> None:
+    """SIGTERM handler: unwind like Ctrl-C, so every ``atomic_output`` removes its temp file on the way out (a
+    second SIGTERM is ignored so it cannot cut that cleanup short; ``main`` restores the handler)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise SystemExit(128 + signum)
+
+
+def _os_error_line(exc: OSError) -> str:
+    """One line for an OSError (no space left, permission denied, ...): the path, then the reason."""
+    reason = exc.strerror or str(exc)
+    return f"Error: {exc.filename}: {reason}" if exc.filename else f"Error: {reason}"
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: library errors become one clear sentence and exit code 1, no traceback."""
+    """Console entry point: library errors become one clear sentence and exit code 1, no traceback. SIGTERM
+    exits with 143 after removing any partial output."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        _run(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str] | None) -> None:
     try:
         cli.main(args=argv, standalone_mode=False)
     except click.exceptions.Abort:
@@ -56,6 +83,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except LorakitError as exc:
         click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
+    except OSError as exc:  # a write that failed (ENOSPC, EACCES) or a file that vanished: one line, no traceback
+        click.echo(_os_error_line(exc), err=True)
         sys.exit(1)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)

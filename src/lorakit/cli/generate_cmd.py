@@ -79,12 +79,14 @@ def generate_cmd(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..generation import generate
-    from ..io import atomic_output
+    from ..io import atomic_output, check_output
     from ..pipelines import load_pipeline
 
     opts = {"model": model, "prompt": prompt, "negative_prompt": negative_prompt, "steps": steps, "seed": seed,
             "guidance": guidance, "width": width, "height": height}
     job = _merge_job(_read_job(config) if config else {}, opts, loras)
+    # before loading anything: -o must not replace a --lora, the job file or a file of the model folder
+    check_output(output, [config, job["model"], *(path for path, _ in job["specs"])])
     console = Console(stderr=True, quiet=as_json)
     pipe = load_pipeline(job["model"])
     with Progress(TextColumn("denoising"), BarColumn(), TextColumn("{task.completed}/{task.total}"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -161,9 +162,13 @@ def resize_cmd(source, output, rank, energy, max_error, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def validate_cmd(lora, base, tuned, threshold, report, layer_names, as_json) -> None:
     """Per-module error, coverage and success rate of LORA against TUNED − BASE."""
-    from ..io import atomic_output
+    from ..io import atomic_output, check_output
     from ..ops import validate
 
+    if layer_names:  # checked before the work, like --report (inside validate)
+        check_output(layer_names, [lora, base, tuned])
+        if report and Path(report).expanduser().resolve() == Path(layer_names).expanduser().resolve():
+            raise click.UsageError("--report and --layer-names name the same file; choose two paths")
     with _progress(not as_json) as progress:
         result = validate(lora, base, tuned, threshold=threshold, report=report, progress=progress)
     if layer_names:

@@ -18,7 +18,14 @@ from ..errors import FormatError, InternalError, NonFiniteError, SourceNotFoundE
 from ..families import Resolver, Target, checkpoint_router
 from ..families.offline import folder_denoiser
 from ..formats.conventions import PEFT_COMPONENT
-from ..io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, parse_dtype, read_safetensors_header, read_tensors
+from ..io import (
+    PICKLE_SUFFIXES,
+    SAFETENSORS_DTYPES,
+    SAFETENSORS_SUFFIXES,
+    parse_dtype,
+    read_tensors,
+    scan_safetensors,
+)
 from ..model import LoRA
 
 __all__ = [
@@ -41,20 +48,7 @@ __all__ = [
 Progress = Callable[[str, int, int], None]
 
 #: safetensors dtype code -> torch dtype (the file format's own table; user spellings: lorakit.io.parse_dtype)
-ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
+ST_DTYPES: dict[str, torch.dtype] = SAFETENSORS_DTYPES
 #: torch dtype -> safetensors dtype code (for writing headers)
 ST_NAMES: dict[torch.dtype, str] = {v: k for k, v in ST_DTYPES.items()}
 
@@ -215,21 +209,18 @@ class Checkpoint:
         return plain or files
 
     def _add_safetensors(self, path: Path, component: str | None) -> None:
-        header, start = read_safetensors_header(path)
+        # Every entry is checked against the file's size before any data is read (lorakit.io.validate_safetensors_header):
+        # a damaged or crafted header is a FormatError here, not a short read or a huge allocation later.
+        header, entries, start = scan_safetensors(path)
         self.files.append(path)
         if component is None and not self.metadata:
             self.metadata = {str(k): str(v) for k, v in (header.get("__metadata__") or {}).items()}
-        for key, spec in header.items():
-            if key == "__metadata__":
-                continue
-            dtype = ST_DTYPES.get(spec["dtype"])
-            if dtype is None:
-                raise FormatError(f"{path}: tensor {key} has dtype {spec['dtype']}, which lorakit cannot read")
-            a, b = spec["data_offsets"]
-            ident = (component, key)
+        for entry in entries:
+            ident = (component, entry.key)
             if ident in self.infos:
-                raise FormatError(f"{path}: tensor {key} also appears in {self.infos[ident].file}")
-            self.infos[ident] = TensorInfo(component, key, path, dtype, tuple(spec["shape"]), (start + a, start + b))
+                raise FormatError(f"{path}: tensor {entry.key} also appears in {self.infos[ident].file}")
+            self.infos[ident] = TensorInfo(component, entry.key, path, entry.dtype, entry.shape,
+                                           (start + entry.start, start + entry.end))
 
     def __iter__(self) -> Iterator[TensorInfo]:
         return iter(self.infos.values())

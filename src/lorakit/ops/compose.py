@@ -15,7 +15,7 @@ from ..adapters import FullDiff, LoRAWeights, LowRank, WeightAdapter
 from ..errors import InternalError, ShapeMismatchError, UnsupportedAdapterError
 from ..families import Resolver
 from ..formats.conventions import kohya_name
-from ..io import check_not_input
+from ..io import check_output
 from ..model import Layer, LoRA
 from ..placement import WHOLE, weight_delta
 from .common import (
@@ -142,7 +142,7 @@ def compose(
     if clamp_quantile is not None and not 0 < clamp_quantile <= 1:
         raise ValueError(f"clamp_quantile must be in (0, 1], got {clamp_quantile}")
     if output is not None:
-        check_not_input(output, [src for src, _ in loras if not isinstance(src, LoRA)])
+        check_output(output, [base, *(src for src, _ in loras if not isinstance(src, LoRA))])
     parsed = [(load_lora(src), float(s)) for src, s in loras]
     groups: dict[tuple[str | None, str], list[tuple[float, Layer]]] = {}
     for lora, s in parsed:

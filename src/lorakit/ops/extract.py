@@ -14,7 +14,7 @@ import torch
 from ..adapters import FullDiff, LoRAWeights, NormDiff, WeightAdapter
 from ..errors import FormatError, ShapeMismatchError
 from ..formats.conventions import NATIVE_PREFIX, kohya_name, peft_prefix
-from ..io import check_not_input
+from ..io import check_output
 from ..model import Layer, LoRA
 from .common import (
     UNSET,
@@ -321,7 +321,7 @@ def extract(
     rules = _Rules(rank, conv_rank, energy, max_error, rank_budget, size_budget_mb, diff_only, min_diff)
     out_dtype = parse_dtype(dtype)
     if output is not None:
-        check_not_input(output, [base, tuned])
+        check_output(output, [base, tuned])
     b_ck, t_ck = Checkpoint(base), Checkpoint(tuned)
     pairs = _pair(b_ck, t_ck, include, exclude)
     scan = _scan(b_ck, t_ck, pairs, rules, progress)

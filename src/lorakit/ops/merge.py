@@ -11,7 +11,6 @@ import math
 import os
 import shutil
 import struct
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,10 +19,12 @@ import torch
 from ..errors import InternalError, MatchError, OverwriteError, ShapeMismatchError
 from ..families import Resolver, Target
 from ..io import (
+    atomic_folder,
     atomic_output,
-    check_not_input,
+    check_output,
     parse_lora_spec,  # re-exported: the CLI and the library share one parser
     read_metadata,
+    remove_stale_temps,
 )
 from ..model import Layer, LoRA
 from ..placement import bias_delta, weight_delta
@@ -279,8 +280,8 @@ def _write_pt(ckpt: Checkpoint, out: Path, plan: Plan, out_dtype: torch.dtype | 
         dt = out_dtype if out_dtype is not None and w.is_floating_point() else w.dtype
         state[info.ref] = _patched(w, ops, info, dt) if ops else w.to(dt).clone()
         patched += bool(ops)
-    with atomic_output(out) as tmp:
-        torch.save(state, tmp)
+    with atomic_output(out) as tmp, open(tmp, "wb") as fh:
+        torch.save(state, fh)  # through a Python file, so a failed write is an OSError (ENOSPC ...), not a RuntimeError
     return patched
 
 
@@ -303,20 +304,19 @@ def _copy_folder(ckpt: Checkpoint, dest_root: Path, plan: Plan, out_dtype, progr
 
 def _write_folder(ckpt: Checkpoint, out: Path, plan: Plan, out_dtype, progress, counter: list[int]) -> int:
     """Write the patched folder next to ``out`` (absent or empty) and move it into place once it is complete."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        patched = _copy_folder(ckpt, tmpdir, plan, out_dtype, progress, counter)
-        if out.exists():
-            out.rmdir()
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmpdir, 0o777 & ~umask)  # mkdtemp makes 0700; the output is an ordinary folder
-        os.replace(tmpdir, out)
-    except BaseException:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-        raise
-    return patched
+    with atomic_folder(out) as tmpdir:
+        return _copy_folder(ckpt, tmpdir, plan, out_dtype, progress, counter)
+
+
+def _check_merge_output(base, lora_paths, output, format: str) -> Path:
+    """Every check of the output that needs no LoRA and no tensor data, so a bad ``-o`` fails before any work."""
+    folder_out = format != "pt" and Path(base).expanduser().is_dir()
+    out = check_output(output, [base, *lora_paths], folder=folder_out)
+    if Path(base).expanduser().is_dir() and out.resolve() == Path(base).expanduser().resolve():
+        raise OverwriteError(f"Output {output} is the input folder {base}; choose another output path.")
+    if folder_out and out.is_dir() and any(out.iterdir()):
+        raise OverwriteError(f"Output folder {output} exists and is not empty; remove it or choose another path.")
+    return out
 
 
 def merge(
@@ -337,20 +337,15 @@ def merge(
     if format not in ("safetensors", "pt"):
         raise ValueError(f"format must be 'safetensors' or 'pt', got {format!r}")
     out_dtype = parse_dtype(dtype)
-    lora_paths = [src for src, _ in loras if not isinstance(src, LoRA)]
-    check_not_input(output, [base, *lora_paths])
+    out = _check_merge_output(base, [src for src, _ in loras if not isinstance(src, LoRA)], output, format)
     ckpt = Checkpoint(base)
-    out = Path(output).expanduser()
-    if ckpt.path.is_dir() and out.resolve() == ckpt.path.resolve():
-        raise OverwriteError(f"Output {output} is the input folder {base}; choose another output path.")
     parsed = [(load_lora(src), float(s)) for src, s in loras]
     plan, report = plan_merge(ckpt, parsed, strict)
+    remove_stale_temps(out)  # hidden temp files of this output left by a killed run
     counter = [0]
     if format == "pt":
         patched = _write_pt(ckpt, out, plan, out_dtype)
     elif ckpt.path.is_dir():
-        if out.exists() and any(out.iterdir()):
-            raise OverwriteError(f"Output folder {output} exists and is not empty; remove it or choose another path.")
         patched = _write_folder(ckpt, out, plan, out_dtype, progress, counter)
     else:
         with atomic_output(out) as tmp:

@@ -10,7 +10,7 @@ import os
 import torch
 
 from ..adapters import LoRAWeights, LowRank, WeightAdapter
-from ..io import check_not_input
+from ..io import check_output
 from ..model import Layer, LoRA
 from .common import UNSET, OpResult, Progress, Record, load_lora, save_lora
 from .svd import Factorisation, factorise, factorise_product
@@ -121,8 +121,8 @@ def resize(
         raise ValueError("pass either energy or max_error, not both")
     if rank is not None and rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
-    if output is not None and not isinstance(source, LoRA):
-        check_not_input(output, [source])
+    if output is not None:
+        check_output(output, [] if isinstance(source, LoRA) else [source])
     lora = load_lora(source)
     target = _Target(rank, energy, max_error)
     layers = {}

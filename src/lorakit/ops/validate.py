@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..families import Resolver
-from ..io import atomic_output
+from ..io import atomic_output, check_output
 from ..model import Layer, LoRA
 from ..placement import WHOLE, bias_delta, weight_delta
 from .common import (
@@ -191,6 +191,8 @@ def validate(
     """Compare ``strength · ΔW_lora`` with ``TUNED − BASE`` for every tensor that changed or that the LoRA
     touches. A changed module without a LoRA layer has error 1 (it reproduces nothing) and counts against the
     success rate; a LoRA layer on an unchanged tensor is listed as ``spurious`` with its absolute norm."""
+    if report is not None:
+        check_output(report, [base, tuned, None if isinstance(lora, LoRA) else lora])
     lo = load_lora(lora)
     b_ck, t_ck = Checkpoint(base), Checkpoint(tuned)
     predicted, unmatched = _predictions(checkpoint_resolver(b_ck), lo)
