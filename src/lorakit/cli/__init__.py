@@ -62,6 +62,9 @@ def _os_error_line(exc: OSError) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: library errors become one clear sentence and exit code 1, no traceback. SIGTERM
     exits with 143 after removing any partial output."""
+    from .._quiet import silence_known_noise
+
+    silence_known_noise()  # dependencies' known start-up noise only; real warnings still show
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _terminate)
