@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from lorakit import _quiet
 from lorakit._quiet import silence_known_noise
@@ -96,3 +97,22 @@ def test_real_transformers_import_is_quiet():
     assert "requires torchvision (not installed)" in runs["noisy"][1]
     assert "requires torchvision" not in runs["quiet"][1]
     assert runs["quiet"][0].strip() == runs["noisy"][0].strip() == "CLIPImageProcessorPil"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="no noise: torchvision installed")
+def test_cli_with_a_pipeline_prints_no_dependency_noise(tmp_path):
+    """``lorakit inspect FILE --model tiny`` builds the tiny pipeline (which loads transformers' image
+    processors): its stderr carries none of the known noise, and the command still works."""
+    from safetensors.torch import save_file
+
+    lora = tmp_path / "l.safetensors"
+    save_file({"lora_unet_conv_in.lora_down.weight": torch.ones(1, 4, 3, 3),
+               "lora_unet_conv_in.lora_up.weight": torch.ones(32, 1, 1, 1)}, str(lora))
+    env = {k: v for k, v in os.environ.items() if k != "LORAKIT_SHOW_ALL_WARNINGS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")])
+    code = "import sys; from lorakit.cli import main; main(sys.argv[1:])"
+    run = subprocess.run([sys.executable, "-c", code, "inspect", str(lora), "--model", "tiny", "--json"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert '"format": "kohya"' in run.stdout
+    assert "requires torchvision" not in run.stderr, run.stderr
