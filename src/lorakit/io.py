@@ -88,33 +88,67 @@ def parse_lora_spec(spec: str) -> tuple[str, float]:
 def resolve_source(source: str | os.PathLike[str]) -> Path:
     """Return a local path for ``source``: an existing file, or a hub reference ``org/repo/file``.
 
-    Hub references go through ``huggingface_hub.hf_hub_download``, which serves from its cache
-    (``HF_HOME`` / ``HF_HUB_CACHE``) when offline (``HF_HUB_OFFLINE=1``) and downloads otherwise.
+    ``org/repo/file`` is taken as a hub reference only when no leading folder of it exists locally (no
+    ``./org``): a mistyped local path such as ``lib/typo/missing.safetensors`` (with ``lib/`` present) is a
+    :class:`SourceNotFoundError` at once, with no network. Absolute paths and ``./``, ``../``, ``~`` paths
+    are always local. Hub references go through ``huggingface_hub.hf_hub_download``; with
+    ``HF_HUB_OFFLINE=1`` only its cache (``HF_HOME`` / ``HF_HUB_CACHE``) is looked at, so a miss fails fast.
     """
     path = Path(source).expanduser()
     if path.exists():
         if path.is_dir():
             raise SourceNotFoundError(f"{path} is a folder; pass the LoRA file inside it")
         return path
-    match = _HUB_REF.match(str(source))
-    if match is None:
+    text = os.fspath(source)
+    match = _HUB_REF.match(text)
+    local = _existing_parent(path)
+    if match is None or local is not None or _explicitly_local(text):
+        where = f" (folder {local} exists, {path.parent} does not)" if local is not None and local != path.parent else ""
         raise SourceNotFoundError(
-            f"No such file: {source}. Pass a local path or a hub reference 'org/repo/file.safetensors'."
+            f"No such file: {source}{where}. Pass a local path or a hub reference 'org/repo/file.safetensors' "
+            "(taken as a hub reference only when no folder of that name exists here)."
         )
+    return _hub_download(text, match)
+
+
+def _explicitly_local(text: str) -> bool:
+    """An absolute path, or one starting with ``~``, ``./`` or ``../``: never a hub reference."""
+    return os.path.isabs(text) or text.startswith(("~", "./", "../", ".\\", "..\\"))
+
+
+def _existing_parent(path: Path) -> Path | None:
+    """The deepest existing folder among the leading parts of a relative ``path`` (``None``: not even the first)."""
+    found = None
+    for parent in reversed(path.parents[:-1]):  # "lib", "lib/typo", ... (without ".")
+        if not parent.is_dir():
+            break
+        found = parent
+    return found
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _hub_download(source: str, match: re.Match[str]) -> Path:
+    """``hf_hub_download`` of a hub reference (cache only when offline); every failure a SourceNotFoundError."""
     try:
         from huggingface_hub import hf_hub_download
     except ImportError as exc:  # pragma: no cover - huggingface_hub ships with the diffusers extra
         raise SourceNotFoundError(
-            f"{source} looks like a hub reference but huggingface_hub is not installed: "
+            f"{source} is not a local file, and looks like a hub reference but huggingface_hub is not installed: "
             "pip install 'lorakit[diffusers]'"
         ) from exc
     repo_id = f"{match['org']}/{match['repo']}"
+    offline = _hub_offline()
     try:
-        return Path(hf_hub_download(repo_id, match["file"], revision=match["rev"]))
+        return Path(hf_hub_download(repo_id, match["file"], revision=match["rev"], local_files_only=offline))
     except Exception as exc:  # hub errors are many types; all mean "not available"
         raise SourceNotFoundError(
-            f"Could not resolve hub reference {source} (repo {repo_id}, file {match['file']}): {exc}. "
-            "Offline, the file must already be in the huggingface_hub cache."
+            f"Could not resolve {source}: it was tried as a hub reference (repo {repo_id}, file {match['file']}) "
+            f"because no local folder {match['org']!r} exists here ({type(exc).__name__}: {exc}). "
+            + ("HF_HUB_OFFLINE=1: only the huggingface_hub cache was looked at. " if offline else "")
+            + "For a local file, check the path."
         ) from exc
 
 

@@ -13,6 +13,11 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+try:  # the parser behind ``re`` (``sre_parse`` before Python 3.11); used only to vet PEFT patterns
+    from re import _parser as _sre_parser  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - Python < 3.11
+    import sre_parse as _sre_parser  # type: ignore[no-redef]
+
 import torch
 
 from ..adapters import DoRA, adapter_for_fields
@@ -25,6 +30,10 @@ __all__ = ["detect_format", "load", "parse_state_dict", "split_key"]
 
 # Fields that sit beside a weight adapter rather than selecting one.
 _SIDE_FIELDS = {"alpha", "dora_scale", "magnitude", "diff_b", "b_norm", "diff_m"}
+_REPEAT_OPS = tuple(
+    getattr(_sre_parser, op) for op in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT") if hasattr(_sre_parser, op)
+)
+_ATOMIC_GROUP = getattr(_sre_parser, "ATOMIC_GROUP", object())
 
 
 def split_key(key: str) -> tuple[str, str, str] | None:
@@ -90,12 +99,76 @@ def _peft_config(metadata: Mapping[str, str]) -> dict[str | None, dict]:
     return dict(out)
 
 
-def _pattern_matches(pattern: str, path: str) -> bool:
-    # PEFT's get_pattern_key: a pattern is a regex matched against the end of the module name at a dot.
+# Regex metacharacters besides "." (a "." alone cannot make matching slow: no quantifier, no alternation).
+_REGEX_META = frozenset("\\^$*+?{}[]()|")
+# At most this many repeats (``*``, ``+``, ``{m,n}``) in one pattern: k overlapping repeats cost O(n^(k+1))
+# on a module name of n characters, so more would again be a (polynomial) denial of service.
+_MAX_REPEATS = 3
+
+
+def _regex_hazard(pattern: str) -> str | None:
+    """Why matching ``pattern`` could backtrack catastrophically (``None`` when it cannot): a repeat inside a
+    repeat (``(a+)+``), an alternation inside a repeat (``(a|a)*``), a backreference, or too many repeats."""
+    try:
+        tree = _sre_parser.parse(pattern)
+    except re.error:
+        return None  # not a regex at all: matched literally by the caller
+
+    def walk(items: Iterable, in_repeat: bool) -> tuple[int, str | None]:
+        count = 0
+        for op, av in items:
+            inner: list = []
+            repeat = False
+            if op in _REPEAT_OPS:
+                repeat = av[1] > 1
+                if repeat and in_repeat:
+                    return count, "a quantifier inside a quantified group (nested quantifiers)"
+                inner = [av[2]]
+            elif op == _sre_parser.BRANCH:
+                if in_repeat:
+                    return count, "an alternation inside a quantified group"
+                inner = list(av[1])
+            elif op in (_sre_parser.GROUPREF, _sre_parser.GROUPREF_EXISTS):
+                return count, "a backreference"
+            elif op == _sre_parser.SUBPATTERN:
+                inner = [av[3]]
+            elif op in (_sre_parser.ASSERT, _sre_parser.ASSERT_NOT):
+                inner = [av[1]]
+            elif op == _ATOMIC_GROUP:
+                inner = [av]
+            count += repeat
+            for sub in inner:
+                n, why = walk(sub, in_repeat or repeat)
+                count += n
+                if why:
+                    return count, why
+        return count, None
+
+    count, why = walk(tree, False)
+    if why is None and count > _MAX_REPEATS:
+        why = f"{count} quantifiers (at most {_MAX_REPEATS})"
+    return why
+
+
+def _pattern_matches(pattern: str, path: str, *, field: str = "alpha_pattern") -> bool:
+    """PEFT's ``get_pattern_key``: ``pattern`` is a regex matched against the end of ``path`` at a dot,
+    ``re.match(rf"(.*\\.)?({pattern})$", path)``, without its catastrophic backtracking. The common cases
+    (the module path itself, or its dotted suffix) need no regex; a pattern that could backtrack
+    exponentially (or polynomially, with many repeats) raises :class:`FormatError` naming the key."""
+    if path == pattern or path.endswith("." + pattern):
+        return True
+    if _REGEX_META.isdisjoint(pattern):  # literal but for "." wildcards: linear, and exactly PEFT's rule
+        return re.match(rf"(.*\.)?({pattern})$", path) is not None
+    why = _regex_hazard(pattern)
+    if why is not None:
+        raise FormatError(
+            f"lora_adapter_metadata: {field} key {pattern!r} is refused: {why} can make matching take "
+            "exponential time. Use the module name, a dotted suffix, or a simpler regex."
+        )
     try:
         return re.match(rf"(.*\.)?({pattern})$", path) is not None
     except re.error:
-        return path == pattern or path.endswith("." + pattern)
+        return False  # PEFT would raise here; lorakit only ever matched it literally (done above)
 
 
 def _peft_alpha(cfg: dict | None, path: str, rank: int) -> float | None:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..adapters import LowRank
-from ..errors import InternalError, NonFiniteError, ShapeMismatchError
+from ..errors import ConcurrentPatchError, InternalError, NonFiniteError, ShapeMismatchError
 
 __all__ = ["Contribution", "FusePlan", "fuse"]
 
@@ -31,23 +31,44 @@ class Contribution:
 FusePlan = dict[int, tuple[nn.Parameter, list[Contribution]]]
 
 
-def fuse(plan: FusePlan, strengths: list[float]) -> list[tuple[nn.Parameter, torch.Tensor]]:
+def fuse(plan: FusePlan, strengths: list[float], *, owner: str = "the model") -> list[tuple[nn.Parameter, torch.Tensor]]:
     """Compute every new tensor first (fp32, rounded once), check it, then swap all in.
 
     Returns ``(parameter, original tensor)`` backups. The original tensor object itself is kept (same
     device, no copy): the new value is a fresh tensor put in ``param.data``, so restoring is putting the
     very same storage back. Extra memory: one copy of each touched tensor while the patch is active.
+
+    The backup is the very tensor each new value was computed from. If any parameter no longer holds it at
+    swap time (something else swapped its data meanwhile), :class:`ConcurrentPatchError` naming ``owner``
+    is raised before anything is swapped: the model is left as it is.
     """
-    staged: list[tuple[nn.Parameter, torch.Tensor]] = []
+    staged: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []
     for param, contribs in plan.values():
         live = [c for c in contribs if strengths[c.lora] != 0.0]
         if live:  # strength 0 everywhere: leave the tensor itself in place (bit-exact identity)
-            staged.append((param, _fused_tensor(param.data, live, strengths)))
+            source = param.data
+            staged.append((param, source, _fused_tensor(source, live, strengths)))
+    for param, source, _ in staged:
+        if not _same_tensor(param.data, source):
+            layers = sorted({c.layer for c in plan[id(param)][1]})
+            raise ConcurrentPatchError(
+                f"{owner}: the weight patched by {', '.join(layers)} was replaced while this patch was being "
+                "computed (another thread or library changed the model); nothing was changed. Patches on one "
+                "model must not run concurrently: apply again once the other change is done."
+            )
     backups: list[tuple[nn.Parameter, torch.Tensor]] = []
-    for param, new in staged:
-        backups.append((param, param.data))
+    for param, source, new in staged:
+        backups.append((param, source))
         param.data = new
     return backups
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` view the same memory the same way (``param.data`` is a new object per access)."""
+    return (
+        a.device == b.device and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+        and a.data_ptr() == b.data_ptr()
+    )
 
 
 def _fused_tensor(original: torch.Tensor, live: list[Contribution], strengths: list[float]) -> torch.Tensor:

@@ -4,17 +4,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import os
+import re
+import threading
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import MatchError, PatchOrderError, ShapeMismatchError, UnsupportedAdapterError
+from ..errors import (
+    FormatError,
+    MatchError,
+    NonFiniteError,
+    PatchOrderError,
+    ShapeMismatchError,
+    UnsupportedAdapterError,
+)
 from ..families import ModuleRef, Resolver, Target, components_of
 from ..model import Layer, LoRA
 from ..placement import (
@@ -34,6 +45,21 @@ __all__ = ["ApplyReport", "Patch", "PatchOrderError", "apply"]  # PatchOrderErro
 MODES = ("fuse", "hook")
 # Patches active on each component module, oldest first (weak: a dropped model takes its stack along).
 _STACKS: weakref.WeakKeyDictionary[nn.Module, list[Patch]] = weakref.WeakKeyDictionary()
+# One lock per component module: apply (planning to commit) and remove on one model run one at a time.
+_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()  # guards _LOCKS itself (setdefault on a WeakKeyDictionary is not atomic)
+
+
+@contextlib.contextmanager
+def _model_lock(components: dict[str, nn.Module]) -> Iterator[None]:
+    """Hold the lock of every component module (taken in a fixed order, so two applies cannot deadlock)."""
+    modules = sorted({id(m): m for m in components.values()}.items())
+    with _LOCKS_GUARD:
+        locks = [_LOCKS.setdefault(m, threading.RLock()) for _, m in modules]
+    with contextlib.ExitStack() as held:
+        for lock in locks:
+            held.enter_context(lock)
+        yield
 
 
 @dataclasses.dataclass
@@ -141,7 +167,12 @@ class Patch:
         }
 
     def remove(self) -> None:
-        """Undo this patch. Raises :class:`PatchOrderError` if a later patch is still active."""
+        """Undo this patch. Raises :class:`PatchOrderError` if a later patch is still active. Waits for an
+        apply or remove running on the same model in another thread (patches on one model are serialised)."""
+        with _model_lock(self.components):
+            self._remove_locked()
+
+    def _remove_locked(self) -> None:
         if self.removed:
             return
         for module in self.components.values():
@@ -317,7 +348,34 @@ def _plan_fuse(plan: _Plan, i: int, layer: Layer, targets: list[Target], resolve
         plan.fuse.setdefault(id(param), (param, []))[1].append(contrib)
 
 
+def _check_finite(layer: Layer, label: str, dtypes: set[torch.dtype]) -> None:
+    """Hook mode adds ``h(x)`` as it is: refuse a layer whose factors hold NaN/Inf, in the file's dtype or once
+    cast to the model's (``dtypes``: a factor beyond float16's range becomes Inf), rather than produce an
+    all-NaN output. Catches LoRAs built by hand or from a state dict that bypassed the reader's checks."""
+    tensors: dict[str, torch.Tensor] = {} if layer.weight is None else dict(layer.weight.tensors())
+    if layer.bias is not None:
+        tensors[layer.bias_key] = layer.bias
+    if layer.dora is not None:
+        tensors["dora magnitude"] = layer.dora.magnitude
+    bad = [
+        f for f, t in tensors.items()
+        if t.is_floating_point() and any(not bool(torch.isfinite(t.to(d)).all()) for d in {t.dtype, *dtypes})
+    ]
+    alpha = None if layer.weight is None else layer.weight.alpha
+    if alpha is not None and not math.isfinite(float(alpha)):
+        bad.append(f"alpha={alpha}")
+    if bad:
+        names = ", ".join(str(d).removeprefix("torch.") for d in sorted(dtypes, key=str))
+        raise NonFiniteError(
+            f"{label}: layer {layer.name} has NaN/Inf in {', '.join(bad)}"
+            + (f" (as {names}, the model's dtype)" if names else "")
+            + "; in hook mode it would make the outputs NaN. Nothing was applied; fix or re-export the LoRA."
+        )
+
+
 def _plan_hooks(plan: _Plan, i: int, layer: Layer, targets: list[Target], resolver: Resolver, patch: Patch) -> None:
+    dtypes = {w.dtype for t in targets if (w := get_param(resolver.module(t), "weight")) is not None and w.is_floating_point()}
+    _check_finite(layer, _label(patch.loras[i][0], i), dtypes)
     base = _fused_base(layer, targets, resolver)
     # every branch is built (and checked) before any is recorded: a failing target leaves no half layer
     branches = [(t, resolver.module(t), make_branch(layer, t, resolver.module(t), base)) for t in targets]
@@ -351,10 +409,10 @@ def _check_plan(report: ApplyReport, target: object, components: dict[str, nn.Mo
     return unmatched
 
 
-def _commit(patch: Patch, plan: _Plan) -> None:
+def _commit(patch: Patch, plan: _Plan, owner: str) -> None:
     """Change the model: swap in the fused tensors (fuse stages them all first) or install the hooks."""
     if patch.mode == "fuse":
-        patch._backups = fuse(plan.fuse, patch._strengths)
+        patch._backups = fuse(plan.fuse, patch._strengths, owner=owner)
         patch.report.touched_tensors = len(patch._backups)
     else:
         for state in plan.hooks.values():
@@ -373,39 +431,81 @@ def _warn_skipped(report: ApplyReport, unmatched: list[str]) -> None:
         )
 
 
+def _non_finite(reason: str) -> bool:
+    """Whether a reader's reason for an invalid key is NaN/Inf (``NonFiniteError`` texts, ``alpha is nan``)."""
+    return re.search(r"\b(nan|inf)\b", reason, re.IGNORECASE) is not None
+
+
+def _check_invalid(items: list[tuple[LoRA, float]], strict: bool | None) -> None:
+    """LoRAs whose files had broken layers (``lora.report.invalid``: NaN/Inf, incomplete, rank mismatch, ...):
+    refuse, naming the files and keys (``strict`` None or True), or warn once and go on (``strict=False``)."""
+    bad = [(_label(lora, i), lora, lora.report.invalid) for i, (lora, _) in enumerate(items) if lora.report.invalid]
+    if not bad:
+        return
+    lines = [f"{label}: {key}: {why}" for label, _, invalid in bad for key, why in sorted(invalid.items())]
+    files = ", ".join(lora.source or f"{label} (a state dict)" for label, lora, _ in bad)
+    listing = "\n  ".join(lines[:20]) + (f"\n  ... and {len(lines) - 20} more" if len(lines) > 20 else "")
+    if strict is False:
+        warnings.warn(
+            f"{len(lines)} invalid LoRA key(s) in {files} were not applied (strict=False):\n  {listing}",
+            stacklevel=3,
+        )
+        return
+    reasons = [why for _, _, invalid in bad for why in invalid.values()]
+    cls = NonFiniteError if all(_non_finite(why) for why in reasons) else FormatError
+    raise cls(
+        f"{files} has {len(lines)} invalid layer key(s); nothing was applied:\n  {listing}\n"
+        "Fix or re-export the file, or pass strict=False to apply the other layers (with a warning)."
+    )
+
+
 def apply(
     target: object,
     loras: Any,
     *,
     mode: str = "fuse",
-    strict: bool = False,
+    strict: bool | None = None,
     component: str | None = None,
 ) -> Patch:
     """Apply ``loras`` to ``target`` (a diffusers pipeline, a diffusers/transformers model, or any module).
 
     ``loras``: a path or :class:`LoRA`, or a list of ``(path|LoRA, strength)``. ``mode="fuse"`` writes
     ``round(W + Σ sᵢ ΔWᵢ)`` (fp32 math, rounded once); ``mode="hook"`` adds ``Σ sᵢ hᵢ(x)`` to module outputs.
-    ``strict=True`` raises on any unmatched layer or shape mismatch; otherwise a warning lists them (a
-    LoRA matching nothing always raises :class:`MatchError`). On any error the model is unchanged.
+
+    ``strict`` covers two kinds of problem: layers of the file that are broken (``lora.report.invalid``:
+    NaN/Inf, incomplete pairs, rank mismatches) and layers that match no module or do not fit one.
+
+    * ``None`` (default): broken layers refuse the whole apply (:class:`FormatError`, or
+      :class:`NonFiniteError` when every problem is NaN/Inf, naming the file and keys); unmatched and
+      shape-mismatched layers are skipped with a warning.
+    * ``False``: both are skipped; one warning lists the broken layers, another the unmatched ones.
+    * ``True``: both raise.
+
+    A LoRA matching nothing always raises :class:`MatchError`; in hook mode a layer holding NaN/Inf always
+    raises :class:`NonFiniteError`. On any error the model is unchanged. Applies and removes on one model
+    are serialised (a per-model lock: another thread's call waits); running the model while another thread
+    applies or removes a patch on it is not supported.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     items = _normalise(loras)
+    _check_invalid(items, strict)
     components = components_of(target, component)
-    resolver = Resolver(components)
-    report = ApplyReport(mode=mode, families=list(resolver.index.families))
-    patch = Patch(mode, items, report, components)
-    plan = _plan(patch, resolver)
-    unmatched = _check_plan(report, target, components, strict)
-    _commit(patch, plan)  # everything is computed and checked: only now does the model change
-    report.untouched_modules = sum(
-        1
-        for root in components.values()
-        for m in root.modules()
-        if isinstance(getattr(m, "weight", None), torch.Tensor) and id(m) not in plan.touched
-    )
-    report.notes = family_notes(resolver, report, [lora for lora, _ in items])
+    with _model_lock(components):
+        resolver = Resolver(components)
+        report = ApplyReport(mode=mode, families=list(resolver.index.families))
+        patch = Patch(mode, items, report, components)
+        plan = _plan(patch, resolver)
+        unmatched = _check_plan(report, target, components, bool(strict))
+        _commit(patch, plan, type(target).__name__)  # everything is computed and checked: only now does the model change
+        report.untouched_modules = sum(
+            1
+            for root in components.values()
+            for m in root.modules()
+            if isinstance(getattr(m, "weight", None), torch.Tensor) and id(m) not in plan.touched
+        )
+        report.notes = family_notes(resolver, report, [lora for lora, _ in items])
+        for module in components.values():
+            _STACKS.setdefault(module, []).append(patch)
     _warn_skipped(report, unmatched)
-    for module in components.values():
-        _STACKS.setdefault(module, []).append(patch)
     return patch
