@@ -93,3 +93,53 @@ def test_per_prompt_seeds_and_step_callback(pipe, base) -> None:
 def test_pil_output_by_default(pipe) -> None:
     image = generate(pipe, "a cat", steps=1, guidance_scale=1.0, seed=0, width=SIZE, height=SIZE).images[0]
     assert image.size == (SIZE, SIZE)
+
+
+def _with_a_nan_layer(pipe) -> lorakit.LoRA:
+    """The LoRA of ``_lora`` with one layer's factors poisoned: loaded leniently, the layer is reported invalid."""
+    lora = _lora(pipe)
+    sd = {}
+    for layer in lora:
+        sd[f"{layer.name}.lora_A.weight"] = layer.weight.down
+        sd[f"{layer.name}.lora_B.weight"] = layer.weight.up
+    first = next(iter(lora)).name
+    sd[f"{first}.lora_B.weight"] = torch.full_like(sd[f"{first}.lora_B.weight"], float("nan"))
+    bad = lorakit.load(sd)
+    assert bad.report.invalid and len(bad) == len(lora) - 1
+    return bad
+
+
+def test_a_lora_with_a_broken_layer_is_refused_by_default_and_skipped_on_request(pipe, base) -> None:
+    bad = _with_a_nan_layer(pipe)
+    before = _weights(pipe)
+    with pytest.raises(lorakit.FormatError, match="lora_B"):
+        _run(pipe, loras=[(bad, 1.0)])
+    assert all(torch.equal(before[k], v) for k, v in _weights(pipe).items())  # nothing half-applied
+    with pytest.warns(UserWarning, match="lora_B"):
+        out = _run(pipe, loras=[(bad, 1.0)], strict=False).images[0]
+    assert np.isfinite(out).all() and not np.allclose(out, base)  # the valid layers did change the image
+
+
+def test_cli_generate_refuses_a_broken_file_unless_skip_invalid(pipe, tmp_path) -> None:
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from lorakit.cli import cli
+
+    bad = _with_a_nan_layer(pipe)
+    sd = {}
+    for layer in bad:
+        sd[f"{layer.name}.lora_A.weight"] = layer.weight.down.contiguous()
+        sd[f"{layer.name}.lora_B.weight"] = layer.weight.up.contiguous()
+    sd["unet.broken.lora_A.weight"] = torch.ones(4, 8)
+    sd["unet.broken.lora_B.weight"] = torch.full((8, 4), float("nan"))
+    path = tmp_path / "bad.safetensors"
+    save_file(sd, str(path))
+    args = ["generate", "--model", "tiny", "--lora", str(path), "--prompt", "x", "--steps", "1",
+            "--width", "32", "--height", "32"]
+    refused = CliRunner().invoke(cli, [*args, "-o", str(tmp_path / "a.png")])
+    assert refused.exit_code != 0 and "broken" in str(refused.exception or refused.output)
+    assert not (tmp_path / "a.png").exists()
+    ok = CliRunner().invoke(cli, [*args, "--skip-invalid", "-o", str(tmp_path / "b.png")])
+    assert ok.exit_code == 0, ok.output
+    assert (tmp_path / "b.png").stat().st_size > 0

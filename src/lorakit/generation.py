@@ -64,14 +64,15 @@ def generate(
     height: int | None = None,
     loras: Sequence[LoraSpec] | None = None,
     mode: str = "fuse",
-    strict: bool = False,
+    strict: bool | None = None,
     on_step: Callable[[int], None] | None = None,
     output_type: str = "pil",
 ) -> GenerateResult:
     """Generate one image per prompt with ``pipe`` (a diffusers pipeline).
 
     ``seed`` is one seed for the whole call, or one per prompt (a list of prompts, one generator each).
-    ``loras`` (``[(LoRA or path, strength), ...]``) are applied with ``mode``/``strict`` for this call
+    ``loras`` (``[(LoRA or path, strength), ...]``) are applied with ``mode``/``strict`` (as in
+    :func:`lorakit.apply`: by default a file with broken layers is refused) for this call
     only and removed afterwards, also on error. ``width``/``height`` and an empty ``negative_prompt`` are
     left to the pipeline's defaults. ``on_step(step)`` is called after every denoising step.
     """

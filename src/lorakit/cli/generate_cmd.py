@@ -64,6 +64,9 @@ def _merge_job(job: dict[str, Any], opts: dict[str, Any], loras: tuple[str, ...]
 @click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale [default: 7.5].")
 @click.option("--mode", type=click.Choice(["fuse", "hook"]), default="fuse", show_default=True)
 @click.option("--strict", is_flag=True, help="Fail if any LoRA layer does not match the model.")
+@click.option("--skip-invalid", is_flag=True,
+              help="Apply the valid layers of a LoRA with broken (NaN/Inf, incomplete) layers, with a warning; "
+                   "by default such a file is refused.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="PNG to write.")
 @click.option("--config", "config", default=None, type=click.Path(exists=True, dir_okay=False),
               help='LightX2V-style job JSON: {"lora_configs": [{"path": ..., "strength": ...}], "prompt": ..., ...}')
@@ -71,7 +74,7 @@ def _merge_job(job: dict[str, Any], opts: dict[str, Any], loras: tuple[str, ...]
 def generate_cmd(
     model: str | None, loras: tuple[str, ...], prompt: str | None, negative_prompt: str | None, steps: int | None,
     seed: int | None, width: int | None, height: int | None, guidance: float | None, mode: str, strict: bool,
-    output: str, config: str | None, as_json: bool,
+    skip_invalid: bool, output: str, config: str | None, as_json: bool,
 ) -> None:
     """Generate one image with LoRAs applied, e.g.
     ``lorakit generate --model tiny --lora style.safetensors:0.8 --prompt "a cat" --steps 4 -o cat.png``."""
@@ -88,6 +91,8 @@ def generate_cmd(
     # before loading anything: -o must not replace a --lora, the job file or a file of the model folder
     check_output(output, [config, job["model"], *(path for path, _ in job["specs"])])
     console = Console(stderr=True, quiet=as_json)
+    # None: unmatched layers warn, broken layers refuse the file (lorakit.apply's default)
+    strictness = True if strict else (False if skip_invalid else None)
     pipe = load_pipeline(job["model"])
     with Progress(TextColumn("denoising"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=False) as progress:
@@ -95,7 +100,7 @@ def generate_cmd(
         result = generate(
             pipe, job["prompt"], negative_prompt=job["negative_prompt"], steps=job["steps"],
             guidance_scale=job["guidance"], seed=job["seed"], width=job["width"], height=job["height"],
-            loras=job["specs"], mode=mode, strict=strict, on_step=lambda _step: progress.advance(task),
+            loras=job["specs"], mode=mode, strict=strictness, on_step=lambda _step: progress.advance(task),
         )
     if result.report is not None:
         console.print(result.report.summary())
