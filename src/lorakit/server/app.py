@@ -55,7 +55,8 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="lorakit", version="0.1.0", description="Generate images with stacks of LoRA adapters.",
                   lifespan=_lifespan)
     metrics = Metrics()
-    registry = Registry(settings.lora_dir, cache_bytes=int(settings.cache_mb * (1 << 20)))
+    registry = Registry(settings.lora_dir, cache_bytes=int(settings.cache_mb * (1 << 20)),
+                        allow_hub=settings.allow_hub)
     if settings.backend is None:
         pipe = settings.pipe if settings.pipe is not None else _load_pipeline(settings.model)
         worker: Any = Worker(pipe, metrics, max_queue=settings.max_queue, max_batch=settings.max_batch,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -25,6 +26,8 @@ class Settings:
     max_steps: int = 50
     max_size: int = 1024
     max_wait_s: float = 5.0
+    # Hub references org/repo/file: None = refused (default), an empty sequence = any org, else these orgs.
+    allow_hub: Sequence[str] | None = None
     pipe: Any = None  # an already-built pipeline (tests); else built from ``model``
     # Something with ``async generate(job) -> (png, batch_size)`` that replaces the local worker
     # (the Ray Serve ingress routes jobs to replicas through it); no pipeline is built here then.
