@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from .guard import Guard
 from .handlers import install_error_handlers
 from .metrics import Metrics
 from .registry import Registry
@@ -67,6 +68,8 @@ def create_app(settings: Settings) -> FastAPI:
                   cache=lambda: (registry.hits, registry.misses, registry.cached_bytes()))
     app.state.settings, app.state.metrics, app.state.registry, app.state.worker = settings, metrics, registry, worker
     install_error_handlers(app)
+    # Outermost of ours: auth, upload switch and body cap before any parsing; metrics by route template.
+    app.add_middleware(Guard, settings=settings, metrics=metrics, routes_of=app.router)
     for router in (service_router, loras_router, generate_router):
         app.include_router(router)
     return app

@@ -22,6 +22,7 @@ class Settings:
     max_batch: int = 4
     allow_upload: bool = False
     max_upload_mb: float = 64.0
+    max_body_kb: float = 1024.0  # body cap of every request but uploads (JSON bodies are small)
     cache_mb: float = 512.0
     max_steps: int = 50
     max_size: int = 1024

@@ -70,7 +70,7 @@ async def generate(
         png, batch_size = await settings.backend.generate(job)
     else:
         png, batch_size = await asyncio.wrap_future(worker.submit(job))
-    metrics.observe_request("/v1/generate", 200, time.perf_counter() - start)
+    metrics.observe_latency(time.perf_counter() - start)
     headers = {
         "X-Lorakit-Stack": ",".join(f"{sha[:12]}:{s:g}" for sha, s in job.stack),
         "X-Lorakit-Batch-Size": str(batch_size),

@@ -36,7 +36,6 @@ async def upload_lora(
     if len(data) > limit:
         raise ApiError(413, "too_large", f"Upload {filename!r} exceeds the {settings.max_upload_mb:g} MB limit.")
     info = await run_in_threadpool(registry.store_upload, name or filename, data)
-    metrics.observe_request("/v1/loras", 201, None)
     return info
 
 
