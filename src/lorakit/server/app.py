@@ -49,6 +49,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         # Stops the worker thread and restores the pipeline's base weights.
         app.state.worker.close()
+        app.state.registry.close()
 
 
 def create_app(settings: Settings) -> FastAPI:

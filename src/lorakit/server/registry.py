@@ -18,6 +18,7 @@ import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,12 @@ class Registry:
         self.hits = 0
         self.misses = 0
         self.evictions = 0
+        self._validator: ThreadPoolExecutor | None = None  # made on the first upload
+
+    def close(self) -> None:
+        """Stop the upload-validation pool (a validation still running is left to finish on its own)."""
+        if self._validator is not None:
+            self._validator.shutdown(wait=False, cancel_futures=True)
 
     # ---- listing -------------------------------------------------------------------------------
     def _entries(self) -> dict[str, tuple[Path, Path]]:
@@ -293,6 +300,23 @@ class Registry:
         problem = lora_problem(lora)
         if problem is not None:
             raise ApiError(400, "invalid_lora", f"Upload {name!r}: {problem}.")
+
+    def stage_in_pool(self, name: str, data: bytes) -> Future:
+        """:meth:`stage_upload` on a small pool of its own, so a caller can bound its time (a slow or stuck
+        validation then occupies this pool, never the server's request threads). If the caller gives up, it
+        calls :meth:`abandon` and the temp file is removed whenever the validation ends."""
+        with self._lock:
+            if self._validator is None:
+                self._validator = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lorakit-validate")
+            return self._validator.submit(self.stage_upload, name, data)
+
+    def abandon(self, future: Future) -> None:
+        def drop(f: Future) -> None:
+            if not f.cancelled() and f.exception() is None:
+                self.discard(f.result()[1])
+
+        future.cancel()
+        future.add_done_callback(drop)
 
     def commit_upload(self, name: str, tmp: Path) -> dict[str, Any]:
         """Rename a staged upload onto ``<name>.safetensors`` (atomic) and return its listing entry."""

@@ -27,6 +27,12 @@ class Settings:
     max_steps: int = 50
     max_size: int = 1024
     max_wait_s: float = 5.0
+    # Queue wait plus run of one generate request; past it the client gets 504 and a queued job is dropped.
+    request_timeout: float = 300.0
+    # Work cap per request: steps * width * height; None = max_steps * max_size**2 (the size and step limits).
+    max_pixel_steps: int | None = None
+    # Time bound on parsing and validating one upload (it runs on a small pool of its own).
+    upload_timeout_s: float = 30.0
     # Hub references org/repo/file: None = refused (default), an empty sequence = any org, else these orgs.
     allow_hub: Sequence[str] | None = None
     pipe: Any = None  # an already-built pipeline (tests); else built from ``model``
