@@ -1,12 +1,46 @@
 """``lorakit serve``: run the HTTP service (FastAPI + uvicorn, OpenAPI at /docs), or the same app on
 Ray Serve with ``--ray --replicas N``.
+
+The API key comes from ``LORAKIT_API_KEY`` or ``--api-key-file`` (``--api-key`` still works but shows the key in
+``ps``). It is compared as UTF-8 bytes with the bytes of the ``Authorization`` header, so a non-ASCII key works
+when clients send it UTF-8 encoded.
+
+Connection limits given to uvicorn (slow clients): ``--keep-alive-s`` closes idle keep-alive connections,
+``h11_max_incomplete_event_size`` (16 KiB) caps the request line plus headers, and ``--limit-concurrency`` caps
+open connections plus running requests (more get 503). uvicorn has no deadline for reading the first request's
+headers; behind the internet, put a reverse proxy with a header timeout in front.
 """
 
 from __future__ import annotations
 
+import os
+
 import click
 
-__all__ = ["serve_cmd"]
+__all__ = ["read_api_key", "serve_cmd"]
+
+MAX_HEADER_BYTES = 16 * 1024
+
+
+def read_api_key(api_key: str | None, api_key_file: str | None) -> str | None:
+    """The key from ``--api-key-file`` (trailing newline stripped), ``--api-key`` or ``LORAKIT_API_KEY``."""
+    if api_key is not None and api_key_file is not None:
+        raise click.UsageError("Pass --api-key or --api-key-file, not both.")
+    if api_key_file is not None:
+        with open(api_key_file, encoding="utf-8") as fh:
+            api_key = fh.read().rstrip("\r\n")
+    elif api_key is not None:
+        click.echo("warning: --api-key is visible to every user in `ps`; use LORAKIT_API_KEY or --api-key-file.",
+                   err=True)
+    else:
+        api_key = os.environ.get("LORAKIT_API_KEY")
+    if api_key is not None and not api_key.strip():
+        raise click.UsageError("The API key is empty.")
+    return api_key
+
+
+def _orgs(value: str | None) -> tuple[str, ...] | None:
+    return None if value is None else tuple(o.strip() for o in value.split(",") if o.strip())
 
 
 @click.command("serve")
@@ -14,23 +48,44 @@ __all__ = ["serve_cmd"]
 @click.option("--lora-dir", required=True, type=click.Path(file_okay=False), help="Folder of .safetensors LoRAs.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
-@click.option("--api-key", default=None, envvar="LORAKIT_API_KEY", help="Require 'Authorization: Bearer KEY'.")
+@click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY'. Visible in `ps`: prefer the "
+              "LORAKIT_API_KEY environment variable or --api-key-file. Compared as UTF-8 bytes (non-ASCII works).")
+@click.option("--api-key-file", default=None, type=click.Path(dir_okay=False, exists=True),
+              help="Read the API key from this file (one trailing newline stripped).")
 @click.option("--max-queue", default=64, show_default=True, type=click.IntRange(1), help="Waiting requests before 503.")
 @click.option("--max-batch", default=4, show_default=True, type=click.IntRange(1), help="Images per pipeline call.")
 @click.option("--allow-upload", is_flag=True, help="Enable POST/DELETE /v1/loras.")
 @click.option("--max-upload-mb", default=64.0, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--max-body-kb", default=1024.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Body cap of every request but uploads.")
+@click.option("--allow-hub", default=None, is_flag=False, flag_value="", metavar="[ORG,...]",
+              help="Accept hub references org/repo/file: alone for any org, or only these orgs. Off by default.")
+@click.option("--request-timeout", default=300.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Seconds a generate request may take, queue wait included (then 504).")
+@click.option("--max-pixel-steps", default=None, type=click.IntRange(1),
+              help="Cap on steps*width*height per request [default: 50 steps at 1024x1024].")
+@click.option("--upload-timeout", default=30.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Seconds to validate one upload (then 422).")
+@click.option("--keep-alive-s", default=5, show_default=True, type=click.IntRange(1),
+              help="Close idle keep-alive connections after this long.")
+@click.option("--limit-concurrency", default=256, show_default=True, type=click.IntRange(1),
+              help="Open connections plus running requests before uvicorn answers 503.")
 @click.option("--cache-mb", default=512.0, show_default=True, type=click.FloatRange(0, min_open=True),
               help="Byte budget of the parsed-LoRA LRU cache.")
 @click.option("--ray", "use_ray", is_flag=True, help="Serve on Ray Serve with LoRA-stack multiplexing.")
 @click.option("--replicas", default=2, show_default=True, type=click.IntRange(1), help="Ray Serve replicas.")
-def serve_cmd(model: str, lora_dir: str, host: str, port: int, api_key: str | None, max_queue: int, max_batch: int,
-              allow_upload: bool, max_upload_mb: float, cache_mb: float, use_ray: bool, replicas: int) -> None:
+def serve_cmd(model: str, lora_dir: str, host: str, port: int, api_key: str | None, api_key_file: str | None,
+              max_queue: int, max_batch: int, allow_upload: bool, max_upload_mb: float, max_body_kb: float,
+              allow_hub: str | None, request_timeout: float, max_pixel_steps: int | None, upload_timeout: float,
+              keep_alive_s: int, limit_concurrency: int, cache_mb: float, use_ray: bool, replicas: int) -> None:
     """Serve image generation with stacks of LoRAs over HTTP."""
     from lorakit.server.app import Settings
 
     settings = Settings(
-        lora_dir=lora_dir, model=model, api_key=api_key, max_queue=max_queue, max_batch=max_batch,
-        allow_upload=allow_upload, max_upload_mb=max_upload_mb, cache_mb=cache_mb,
+        lora_dir=lora_dir, model=model, api_key=read_api_key(api_key, api_key_file), max_queue=max_queue,
+        max_batch=max_batch, allow_upload=allow_upload, max_upload_mb=max_upload_mb, max_body_kb=max_body_kb,
+        cache_mb=cache_mb, allow_hub=_orgs(allow_hub), request_timeout=request_timeout,
+        max_pixel_steps=max_pixel_steps, upload_timeout_s=upload_timeout,
     )
     if use_ray:
         from lorakit.server.ray_app import run_ray
@@ -41,4 +96,6 @@ def serve_cmd(model: str, lora_dir: str, host: str, port: int, api_key: str | No
 
     from lorakit.server.app import create_app
 
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", timeout_keep_alive=keep_alive_s,
+                h11_max_incomplete_event_size=MAX_HEADER_BYTES, limit_concurrency=limit_concurrency,
+                timeout_graceful_shutdown=10)

@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from .guard import Guard
 from .handlers import install_error_handlers
 from .metrics import Metrics
 from .registry import Registry
@@ -48,6 +49,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         # Stops the worker thread and restores the pipeline's base weights.
         app.state.worker.close()
+        app.state.registry.close()
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -55,7 +57,8 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="lorakit", version="0.1.0", description="Generate images with stacks of LoRA adapters.",
                   lifespan=_lifespan)
     metrics = Metrics()
-    registry = Registry(settings.lora_dir, cache_bytes=int(settings.cache_mb * (1 << 20)))
+    registry = Registry(settings.lora_dir, cache_bytes=int(settings.cache_mb * (1 << 20)),
+                        allow_hub=settings.allow_hub)
     if settings.backend is None:
         pipe = settings.pipe if settings.pipe is not None else _load_pipeline(settings.model)
         worker: Any = Worker(pipe, metrics, max_queue=settings.max_queue, max_batch=settings.max_batch,
@@ -66,6 +69,8 @@ def create_app(settings: Settings) -> FastAPI:
                   cache=lambda: (registry.hits, registry.misses, registry.cached_bytes()))
     app.state.settings, app.state.metrics, app.state.registry, app.state.worker = settings, metrics, registry, worker
     install_error_handlers(app)
+    # Outermost of ours: auth, upload switch and body cap before any parsing; metrics by route template.
+    app.add_middleware(Guard, settings=settings, metrics=metrics, routes_of=app.router)
     for router in (service_router, loras_router, generate_router):
         app.include_router(router)
     return app

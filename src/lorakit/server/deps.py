@@ -6,11 +6,11 @@ before it validates the body, so as dependencies they would answer 401/403 where
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
+from .guard import key_matches, unauthorized
 from .metrics import Metrics
 from .registry import ApiError, Registry
 from .settings import Settings
@@ -46,12 +46,11 @@ def check_api_key(request: Request, settings: Settings) -> None:
     """Raise 401 unless the request carries ``Authorization: Bearer <api_key>`` (when a key is set)."""
     if settings.api_key is None:
         return
-    header = request.headers.get("authorization", "")
-    token = header[7:] if header.lower().startswith("bearer ") else ""
-    # Constant-time compare so the key cannot be guessed byte by byte from timings.
-    if not token or not hmac.compare_digest(token.encode(), settings.api_key.encode()):
-        raise ApiError(401, "unauthorized", "Missing or wrong API key: send 'Authorization: Bearer <key>'.",
-                       headers={"WWW-Authenticate": "Bearer"})
+    # The Guard middleware already checked it before the body was read; this is the same check, kept so a
+    # route never depends on the middleware being installed. Starlette decodes headers as latin-1: encoding
+    # back with latin-1 gives the bytes the client sent.
+    if not key_matches(request.headers.get("authorization", "").encode("latin-1"), settings.api_key):
+        raise unauthorized()
 
 
 def check_upload_allowed(settings: Settings) -> None:

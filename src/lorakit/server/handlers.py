@@ -1,4 +1,5 @@
-"""Every error leaves the API as ``{"error": {"code", "message"}}``; client errors are counted in the metrics."""
+"""Every error leaves the API as ``{"error": {"code", "message"}}``. Requests are counted (status included) by
+the :mod:`.guard` middleware under their route template, not here."""
 
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 
 
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    request.app.state.metrics.observe_request(request.url.path, exc.status, None)
     return error_response(exc.status, exc.code, exc.message, exc.headers)
 
 
@@ -28,7 +28,6 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
     for err in exc.errors():
         loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
         parts.append(f"{loc}: {err.get('msg')}")
-    request.app.state.metrics.observe_request(request.url.path, 422, None)
     return error_response(422, "invalid_request", "; ".join(parts) or "invalid request")
 
 
@@ -38,7 +37,6 @@ async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
 
 async def _lorakit(request: Request, exc: LorakitError) -> JSONResponse:
     # A LoRA that parses but does not fit the model (MatchError, ShapeMismatchError) is the client's input.
-    request.app.state.metrics.observe_request(request.url.path, 400, None)
     return error_response(400, type(exc).__name__, str(exc))
 
 

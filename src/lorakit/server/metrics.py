@@ -71,6 +71,9 @@ class Metrics:
         if seconds is not None:
             self.request_latency.observe(seconds)
 
+    def observe_latency(self, seconds: float) -> None:
+        self.request_latency.observe(seconds)
+
     def observe_swap(self) -> None:
         self.swaps.inc()
 

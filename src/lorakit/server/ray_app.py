@@ -30,7 +30,7 @@ class _RayBackend:
 
     async def generate(self, job: Job) -> tuple[bytes, int]:
         # Plain fields only: parsed tensors are re-read from the replica's cache, the future stays here.
-        skip = {"loras", "future", "enqueued"}
+        skip = {"loras", "future", "enqueued", "deadline"}  # deadline: this host's clock
         payload = {f.name: getattr(job, f.name) for f in dataclasses.fields(job) if f.name not in skip}
         return await _MODEL_HANDLE["model"].options(multiplexed_model_id=stack_id(job)).generate.remote(payload)
 

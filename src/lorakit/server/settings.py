@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -21,10 +22,19 @@ class Settings:
     max_batch: int = 4
     allow_upload: bool = False
     max_upload_mb: float = 64.0
+    max_body_kb: float = 1024.0  # body cap of every request but uploads (JSON bodies are small)
     cache_mb: float = 512.0
     max_steps: int = 50
     max_size: int = 1024
     max_wait_s: float = 5.0
+    # Queue wait plus run of one generate request; past it the client gets 504 and a queued job is dropped.
+    request_timeout: float = 300.0
+    # Work cap per request: steps * width * height; None = max_steps * max_size**2 (the size and step limits).
+    max_pixel_steps: int | None = None
+    # Time bound on parsing and validating one upload (it runs on a small pool of its own).
+    upload_timeout_s: float = 30.0
+    # Hub references org/repo/file: None = refused (default), an empty sequence = any org, else these orgs.
+    allow_hub: Sequence[str] | None = None
     pipe: Any = None  # an already-built pipeline (tests); else built from ``model``
     # Something with ``async generate(job) -> (png, batch_size)`` that replaces the local worker
     # (the Ray Serve ingress routes jobs to replicas through it); no pipeline is built here then.

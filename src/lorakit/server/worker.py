@@ -4,12 +4,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io as _io
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 import numpy as np
@@ -40,11 +41,18 @@ class Job:
     seed: int
     sources: tuple[str, ...] = ()  # file of each LoRA, parallel to ``stack`` (for remote replicas)
     enqueued: float = dataclasses.field(default_factory=time.monotonic)
+    deadline: float | None = None  # time.monotonic() after which the job is dropped from the queue (504)
     future: Future = dataclasses.field(default_factory=Future)
 
     def batch_key(self) -> tuple[Any, ...]:
         # Requests may share one pipeline call only if everything but prompt/seed is equal.
         return (self.stack, self.width, self.height, self.steps, self.guidance_scale)
+
+
+def _fail(job: Job, exc: BaseException) -> None:
+    """Set ``exc`` on a job's future unless its client already cancelled it (or it is done)."""
+    with contextlib.suppress(InvalidStateError):
+        job.future.set_exception(exc)
 
 
 def to_png(image: np.ndarray) -> bytes:
@@ -90,6 +98,7 @@ class Worker:
     # ---- producer side -------------------------------------------------------------------------
     def submit(self, job: Job) -> Future:
         with self._cond:
+            self._purge()
             if len(self._queue) >= self.max_queue:
                 raise ApiError(
                     503, "queue_full", f"Queue is full ({self.max_queue} waiting); retry shortly.",
@@ -113,6 +122,20 @@ class Worker:
             self._patch = None
 
     # ---- scheduling ------------------------------------------------------------------------------
+    def _purge(self) -> None:
+        """Drop queued jobs whose client cancelled them (gone, or timed out) and jobs past their deadline
+        (their future gets a 504); the caller holds the lock. Neither is ever generated."""
+        now = time.monotonic()
+        keep = []
+        for j in self._queue:
+            if j.future.cancelled():
+                continue
+            if j.deadline is not None and now > j.deadline:
+                _fail(j, ApiError(504, "timeout", "The request waited in the queue past --request-timeout."))
+                continue
+            keep.append(j)
+        self._queue[:] = keep
+
     def _take_batch(self) -> list[Job]:
         """Pick the next batch (caller holds the lock and the queue is not empty)."""
         oldest = self._queue[0]
@@ -133,25 +156,30 @@ class Worker:
         batch = [j for j in self._queue if j.batch_key() == key][: self.max_batch]
         for j in batch:
             self._queue.remove(j)
-        return batch
+        # From here a job runs: its future can no longer be cancelled; one cancelled meanwhile is skipped.
+        return [j for j in batch if j.future.set_running_or_notify_cancel()]
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._stop:
+                while not self._stop:
+                    self._purge()
+                    if self._queue:
+                        break
                     self._cond.wait()
                 if self._stop:
                     for j in self._queue:
-                        j.future.set_exception(ApiError(503, "shutting_down", "Server is shutting down."))
+                        _fail(j, ApiError(503, "shutting_down", "Server is shutting down."))
                     self._queue.clear()
                     return
                 batch = self._take_batch()
+            if not batch:
+                continue
             try:
                 images = self._generate(batch)
             except BaseException as exc:  # one failed call must not kill the worker
                 for j in batch:
-                    if not j.future.done():
-                        j.future.set_exception(exc)
+                    _fail(j, exc)
                 continue
             for j, png in zip(batch, images):
                 # The batch size travels with the image: clients and tests can tell batched results apart.

@@ -1,10 +1,16 @@
-"""``POST /v1/generate``: validate the request, resolve its LoRA stack, queue it, answer PNG or base64 JSON."""
+"""``POST /v1/generate``: validate the request, resolve its LoRA stack, queue it, answer PNG or base64 JSON.
+
+Each request has a deadline (``--request-timeout``, queue wait plus run): past it the client gets 504 and a job
+still queued is dropped. A client that disconnects while its job is queued cancels it: it is never generated.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import time
+from concurrent.futures import Future
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -30,6 +36,13 @@ def _check_limits(req: GenerateRequest, settings: Settings) -> None:
             raise ApiError(422, "invalid_request", f"{field}: at most {settings.max_size}, got {value}")
     if req.steps > settings.max_steps:
         raise ApiError(422, "invalid_request", f"steps: at most {settings.max_steps}, got {req.steps}")
+    limit = settings.max_pixel_steps
+    if limit is None:
+        limit = settings.max_steps * settings.max_size * settings.max_size
+    work = req.steps * req.width * req.height
+    if work > limit:
+        raise ApiError(422, "invalid_request",
+                       f"steps x width x height = {work} exceeds this server's limit of {limit} (--max-pixel-steps)")
 
 
 def build_job(req: GenerateRequest, settings: Settings, registry: Registry) -> Job:
@@ -55,6 +68,36 @@ def build_job(req: GenerateRequest, settings: Settings, registry: Registry) -> J
     )
 
 
+async def _disconnected(request: Request) -> None:
+    """Return when the client goes away (the body is already read, so the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _timeout(settings: Settings) -> ApiError:
+    return ApiError(504, "timeout", f"The request did not finish within {settings.request_timeout:g} s "
+                    "(--request-timeout); it was cancelled.")
+
+
+async def _await_job(request: Request, future: Future, settings: Settings, deadline: float) -> Any:
+    """The job's result, or: client gone -> cancel the job (499); deadline passed -> cancel it (504). A job the
+    worker has already started cannot be cancelled; it finishes and its result is dropped."""
+    waiter = asyncio.wrap_future(future)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({waiter, gone}, timeout=max(0.0, deadline - time.monotonic()),
+                                     return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if waiter in done:
+        return waiter.result()
+    future.cancel()
+    waiter.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody reads a late failure
+    if gone in done:
+        raise ApiError(499, "client_closed_request", "The client disconnected; the request was cancelled.")
+    raise _timeout(settings)
+
+
 @router.post(
     "/v1/generate",
     responses={200: {"content": {"image/png": {}, "application/json": {}}}},
@@ -65,12 +108,18 @@ async def generate(
 ) -> Response:
     check_api_key(request, settings)
     start = time.perf_counter()
+    deadline = time.monotonic() + settings.request_timeout
     job = await run_in_threadpool(build_job, req, settings, registry)
+    job.deadline = deadline
     if settings.backend is not None:
-        png, batch_size = await settings.backend.generate(job)
+        try:
+            png, batch_size = await asyncio.wait_for(settings.backend.generate(job),
+                                                     max(0.0, deadline - time.monotonic()))
+        except TimeoutError as exc:
+            raise _timeout(settings) from exc
     else:
-        png, batch_size = await asyncio.wrap_future(worker.submit(job))
-    metrics.observe_request("/v1/generate", 200, time.perf_counter() - start)
+        png, batch_size = await _await_job(request, worker.submit(job), settings, deadline)
+    metrics.observe_latency(time.perf_counter() - start)
     headers = {
         "X-Lorakit-Stack": ",".join(f"{sha[:12]}:{s:g}" for sha, s in job.stack),
         "X-Lorakit-Batch-Size": str(batch_size),

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, File, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from ..deps import MetricsDep, RegistryDep, SettingsDep, check_api_key, check_upload_allowed
+from ..deps import RegistryDep, SettingsDep, check_api_key, check_upload_allowed
 from ..registry import ApiError
 
 __all__ = ["router"]
@@ -23,7 +24,7 @@ async def list_loras(request: Request, settings: SettingsDep, registry: Registry
 
 @router.post("", status_code=201)
 async def upload_lora(
-    request: Request, settings: SettingsDep, registry: RegistryDep, metrics: MetricsDep,
+    request: Request, settings: SettingsDep, registry: RegistryDep,
     file: UploadFile = File(...), name: str | None = None,
 ) -> dict[str, Any]:
     check_api_key(request, settings)
@@ -35,8 +36,15 @@ async def upload_lora(
     data = await file.read(limit + 1)
     if len(data) > limit:
         raise ApiError(413, "too_large", f"Upload {filename!r} exceeds the {settings.max_upload_mb:g} MB limit.")
-    info = await run_in_threadpool(registry.store_upload, name or filename, data)
-    metrics.observe_request("/v1/loras", 201, None)
+    # Validation is time-bounded: a file that takes too long to parse is refused and never stored.
+    future = registry.stage_in_pool(name or filename, data)
+    try:
+        staged = await asyncio.wait_for(asyncio.wrap_future(future), settings.upload_timeout_s)
+    except TimeoutError as exc:
+        registry.abandon(future)
+        raise ApiError(422, "validation_timeout", f"Upload {filename[:200]!r} took longer than "
+                       f"{settings.upload_timeout_s:g} s to validate; refused.") from exc
+    info = await run_in_threadpool(registry.commit_upload, *staged)
     return info
 
 
