@@ -54,6 +54,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(settings: Settings) -> FastAPI:
     """Build the app: registry, metrics and one worker thread that owns the pipeline."""
+    from .._quiet import silence_known_noise
+
+    silence_known_noise()  # dependencies' known start-up noise only (loading the pipeline triggers it)
     app = FastAPI(title="lorakit", version="0.1.0", description="Generate images with stacks of LoRA adapters.",
                   lifespan=_lifespan)
     metrics = Metrics()
