@@ -116,8 +116,13 @@ def test_a_lora_with_a_broken_layer_is_refused_by_default_and_skipped_on_request
         _run(pipe, loras=[(bad, 1.0)])
     assert all(torch.equal(before[k], v) for k, v in _weights(pipe).items())  # nothing half-applied
     with pytest.warns(UserWarning, match="lora_B"):
-        out = _run(pipe, loras=[(bad, 1.0)], strict=False).images[0]
+        result = _run(pipe, loras=[(bad, 1.0)], strict=False)
+    out = result.images[0]
     assert np.isfinite(out).all() and not np.allclose(out, base)  # the valid layers did change the image
+    # the skipped keys stay on the record, not only in the warning
+    (skipped,) = result.report.invalid.values()
+    assert set(skipped) == set(bad.report.invalid) and "broken key(s) skipped" in result.report.summary()
+    assert result.report.to_dict()["invalid"] == result.report.invalid
 
 
 def test_cli_generate_refuses_a_broken_file_unless_skip_invalid(pipe, tmp_path) -> None:

@@ -72,6 +72,8 @@ class ApplyReport:
     matched: dict[str, dict[str, list[ModuleRef]]] = dataclasses.field(default_factory=dict)
     unmatched: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     shape_mismatches: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
+    #: per LoRA label: broken file keys (NaN/Inf, incomplete, ...) skipped with ``strict=False``, with the reason
+    invalid: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
     untouched_modules: int = 0
     touched_tensors: int = 0
     families: list[str] = dataclasses.field(default_factory=list)
@@ -99,6 +101,7 @@ class ApplyReport:
             "matched": self.matched,
             "unmatched": self.unmatched,
             "shape_mismatches": self.shape_mismatches,
+            "invalid": self.invalid,
             "untouched_modules": self.untouched_modules,
             "touched_tensors": self.touched_tensors,
             "families": self.families,
@@ -111,6 +114,7 @@ class ApplyReport:
             for label, c in self.counts().items()
         ]
         lines.append(f"{self.mode}: {self.touched_tensors} tensors patched, {self.untouched_modules} weighted modules untouched")
+        lines.extend(f"{label}: {len(keys)} broken key(s) skipped (strict=False)" for label, keys in self.invalid.items())
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
@@ -505,6 +509,8 @@ def apply(
             if isinstance(getattr(m, "weight", None), torch.Tensor) and id(m) not in plan.touched
         )
         report.notes = family_notes(resolver, report, [lora for lora, _ in items])
+        report.invalid = {_label(lora, i): dict(sorted(lora.report.invalid.items()))
+                          for i, (lora, _) in enumerate(items) if lora.report.invalid}
         for module in components.values():
             _STACKS.setdefault(module, []).append(patch)
     _warn_skipped(report, unmatched)
