@@ -7,8 +7,9 @@ when clients send it UTF-8 encoded.
 
 Connection limits given to uvicorn (slow clients): ``--keep-alive-s`` closes idle keep-alive connections,
 ``h11_max_incomplete_event_size`` (16 KiB) caps the request line plus headers, and ``--limit-concurrency`` caps
-open connections plus running requests (more get 503). uvicorn has no deadline for reading the first request's
-headers; behind the internet, put a reverse proxy with a header timeout in front.
+open connections plus running requests (more get 503), and ``--header-timeout-s`` closes a connection whose
+request head is not complete in time (slow-loris: uvicorn itself has no such deadline; see
+:mod:`lorakit.server.slowloris`).
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ def _orgs(value: str | None) -> tuple[str, ...] | None:
               help="Cap on steps*width*height per request [default: 50 steps at 1024x1024].")
 @click.option("--upload-timeout", default=30.0, show_default=True, type=click.FloatRange(0, min_open=True),
               help="Seconds to validate one upload (then 422).")
+@click.option("--header-timeout-s", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Close a connection whose request head is not complete this long after it opened or after its "
+                   "previous response (slow-loris).")
 @click.option("--keep-alive-s", default=5, show_default=True, type=click.IntRange(1),
               help="Close idle keep-alive connections after this long.")
 @click.option("--limit-concurrency", default=256, show_default=True, type=click.IntRange(1),
@@ -77,7 +81,7 @@ def _orgs(value: str | None) -> tuple[str, ...] | None:
 def serve_cmd(model: str, lora_dir: str, host: str, port: int, api_key: str | None, api_key_file: str | None,
               max_queue: int, max_batch: int, allow_upload: bool, max_upload_mb: float, max_body_kb: float,
               allow_hub: str | None, request_timeout: float, max_pixel_steps: int | None, upload_timeout: float,
-              keep_alive_s: int, limit_concurrency: int, cache_mb: float, use_ray: bool, replicas: int) -> None:
+              header_timeout_s: float, keep_alive_s: int, limit_concurrency: int, cache_mb: float, use_ray: bool, replicas: int) -> None:
     """Serve image generation with stacks of LoRAs over HTTP."""
     from lorakit.server.app import Settings
 
@@ -95,7 +99,9 @@ def serve_cmd(model: str, lora_dir: str, host: str, port: int, api_key: str | No
     import uvicorn
 
     from lorakit.server.app import create_app
+    from lorakit.server.slowloris import header_deadline_protocol
 
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info", timeout_keep_alive=keep_alive_s,
+                http=header_deadline_protocol(header_timeout_s),
                 h11_max_incomplete_event_size=MAX_HEADER_BYTES, limit_concurrency=limit_concurrency,
                 timeout_graceful_shutdown=10)
