@@ -35,6 +35,7 @@ __all__ = [
     "atomic_output",
     "check_not_input",
     "check_output",
+    "hub_file",
     "parse_dtype",
     "parse_lora_spec",
     "read_metadata",
@@ -130,10 +131,18 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def hub_file(repo_id: str, filename: str, revision: str | None = None) -> Path:
+    """``filename`` of hub repo ``repo_id`` through ``hf_hub_download`` (only its cache with ``HF_HUB_OFFLINE=1``).
+    Raises what huggingface_hub raises (ImportError without it)."""
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=_hub_offline()))
+
+
 def _hub_download(source: str, match: re.Match[str]) -> Path:
     """``hf_hub_download`` of a hub reference (cache only when offline); every failure a SourceNotFoundError."""
     try:
-        from huggingface_hub import hf_hub_download
+        import huggingface_hub  # noqa: F401
     except ImportError as exc:  # pragma: no cover - huggingface_hub ships with the diffusers extra
         raise SourceNotFoundError(
             f"{source} is not a local file, and looks like a hub reference but huggingface_hub is not installed: "
@@ -142,7 +151,7 @@ def _hub_download(source: str, match: re.Match[str]) -> Path:
     repo_id = f"{match['org']}/{match['repo']}"
     offline = _hub_offline()
     try:
-        return Path(hf_hub_download(repo_id, match["file"], revision=match["rev"], local_files_only=offline))
+        return hub_file(repo_id, match["file"], match["rev"])
     except Exception as exc:  # hub errors are many types; all mean "not available"
         raise SourceNotFoundError(
             f"Could not resolve {source}: it was tried as a hub reference (repo {repo_id}, file {match['file']}) "

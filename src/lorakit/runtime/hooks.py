@@ -39,11 +39,10 @@ def _refuse(layer: Layer, target: Target, module: nn.Module) -> None:
             "apply this LoRA with mode='fuse'"
         )
     problem = layer.weight.unfused_problem(module) if layer.weight is not None else None
-    if layer.params or problem:
-        raise UnsupportedAdapterError(
-            f"{layer.name}: {problem or 'parameter deltas'} ({', '.join(layer.kinds)}) have no unfused path; "
-            "apply this LoRA with mode='fuse'"
-        )
+    if problem is None and layer.params:
+        problem = "parameter deltas have no unfused path"
+    if problem:
+        raise UnsupportedAdapterError(f"{layer.name} ({', '.join(layer.kinds)}): {problem}; apply this LoRA with mode='fuse'")
     if target.dst_rows is not None and getattr(module, "groups", 1) != 1:
         raise UnsupportedAdapterError(f"{layer.name}: row-split delta on a grouped conv; use mode='fuse'")
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import lorakit
+from lorakit import io
 from lorakit.errors import ApiError, LorakitError
 from lorakit.model import LoRA
 
@@ -50,9 +51,7 @@ def sanitise_name(name: str) -> str:
 
 def hub_download(repo_id: str, filename: str) -> str:
     """Fetch ``filename`` of hub repo ``repo_id`` (from the huggingface_hub cache when offline)."""
-    from huggingface_hub import hf_hub_download
-
-    return hf_hub_download(repo_id, filename)
+    return str(io.hub_file(repo_id, filename))
 
 
 def _regular(path: str | os.PathLike[str]) -> os.stat_result | None:
