@@ -21,9 +21,11 @@ LAYERS: list[tuple[str, ...]] = [
     ("families",),
     ("placement",),
     ("saving",),  # lorakit.save: resolve names, then write
+    ("quant",),  # quantized layers and tensors: recognised by the runtime, written by lorakit quantize
     ("runtime", "ops", "inspection"),
     ("pipelines",),
     ("generation",),
+    ("train",),  # lorakit.train: training loops over pipelines, validation through generation
     ("lorakit",),  # the package itself (its lazy __init__): the public library API, which cli and server wrap
     ("server",),
     ("cli",),
