@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-__all__ = ["clip_tokenizer"]
+__all__ = ["clip_tokenizer", "t5_tokenizer"]
 
 
 def _byte_alphabet() -> list[str]:
@@ -48,4 +48,24 @@ def clip_tokenizer(max_length: int = 77) -> Any:
         os.path.join(_tokenizer_dir(), "vocab.json"),
         os.path.join(_tokenizer_dir(), "merges.txt"),
         model_max_length=max_length,
+    )
+
+
+def t5_tokenizer(max_length: int = 32) -> Any:
+    """A T5/UMT5-style fast tokenizer built in code with the ``tokenizers`` library (no download): every UTF-8
+    byte is one token (ids 3-258), ``<pad>`` 0, ``</s>`` 1 (appended to every sequence), ``<unk>`` 2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = _byte_alphabet()
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    vocab.update({c: 3 + i for i, c in enumerate(alphabet)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=max_length
     )
