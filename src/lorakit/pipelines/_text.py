@@ -51,16 +51,23 @@ def clip_tokenizer(max_length: int = 77) -> Any:
     )
 
 
-def t5_tokenizer(max_length: int = 32) -> Any:
-    """A T5/UMT5-style fast tokenizer built in code with the ``tokenizers`` library (no download): every UTF-8
-    byte is one token (ids 3-258), ``<pad>`` 0, ``</s>`` 1 (appended to every sequence), ``<unk>`` 2."""
+def t5_tokenizer(max_length: int = 512) -> Any:
+    """A T5/UMT5-style fast tokenizer built in code with the ``tokenizers`` library (no download): byte-level, with
+    fixed merges of every lower-case letter pair and of space + letter, so English takes about half a token per
+    byte (the pipelines' long default negative prompts fit in 512 tokens). ``<pad>`` 0, ``</s>`` 1 (appended to
+    every sequence), ``<unk>`` 2, bytes 3-258, then the merged pairs (vocabulary of 961)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     alphabet = _byte_alphabet()
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
     vocab.update({c: 3 + i for i, c in enumerate(alphabet)})
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    space = alphabet[ord(" ")]
+    merges = [(space, b) for b in letters] + [(a, b) for a in letters for b in letters]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.TemplateProcessing(

@@ -35,7 +35,7 @@ TINY_VAE: dict[str, Any] = {
     "temperal_downsample": [False, True, True],
 }
 TINY_UMT5: dict[str, Any] = {
-    "vocab_size": 259,  # t5_tokenizer: 3 specials + 256 bytes
+    "vocab_size": 961,  # t5_tokenizer: 3 specials, 256 bytes, 702 merged pairs
     "d_model": 32,
     "d_kv": 8,
     "d_ff": 64,
@@ -56,8 +56,6 @@ TINY_VISION: dict[str, Any] = {
     "intermediate_size": 16,
     "patch_size": 8,
 }
-MAX_TEXT_TOKENS = 512  # the pipelines pad prompts to max_sequence_length=512
-
 
 def _common(seed: int) -> dict[str, Any]:
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
@@ -70,10 +68,9 @@ def _common(seed: int) -> dict[str, Any]:
     return {
         "vae": vae,
         "text_encoder": text_encoder,
-        "tokenizer": t5_tokenizer(MAX_TEXT_TOKENS),
+        "tokenizer": t5_tokenizer(512),
         "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
     }
-
 
 def build_wan_t2v(seed: int = 0) -> Any:
     """A tiny random ``WanPipeline`` (text to video): same ``seed`` -> identical weights. Call it with
@@ -83,7 +80,6 @@ def build_wan_t2v(seed: int = 0) -> Any:
     torch.manual_seed(seed)
     transformer = WanTransformer3DModel(**TINY_TRANSFORMER)
     return WanPipeline(transformer=transformer, **_common(seed))
-
 
 def build_wan_i2v(seed: int = 0) -> Any:
     """A tiny random ``WanImageToVideoPipeline`` (Wan 2.1 I2V: image latents concatenated to the noise, 36 input
