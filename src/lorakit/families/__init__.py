@@ -9,9 +9,12 @@ from collections.abc import Iterable
 from . import clip as _clip  # noqa: F401
 from . import cosmos as _cosmos  # noqa: F401
 from . import flux as _flux  # noqa: F401
+from . import flux2 as _flux2  # noqa: F401
+from . import qwen_image as _qwen_image  # noqa: F401
 from . import sd3 as _sd3  # noqa: F401
 from . import sdxl as _sdxl  # noqa: F401
 from . import wan as _wan  # noqa: F401
+from . import z_image as _z_image  # noqa: F401
 from .base import (
     FAMILIES,
     Alias,

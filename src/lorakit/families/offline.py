@@ -128,10 +128,36 @@ VARIANTS: dict[str, dict[str, Callable[[], nn.Module]]] = {
 VARIANTS["wan2.2-t2v-a14b"] = VARIANTS["wan2.1-t2v-14b"]
 VARIANTS["wan2.2-i2v-a14b"] = VARIANTS["wan2.1-i2v-14b"]
 
+# -- wave 2 image DiTs (denoiser only); values from each release's transformer/config.json --------------------
+# FLUX.2-dev (black-forest-labs/FLUX.2-dev): diffusers' Flux2Transformer2DModel defaults are that config
+# (8 double, 48 single blocks, 48 heads x 128, joint_attention_dim 15360, in_channels 128, guidance embedder).
+VARIANTS["flux2-dev"] = {"denoiser": _dit("Flux2Transformer2DModel")}
+# FLUX.2-klein-4B: 5 double, 20 single blocks, 24 heads x 128, mlp_ratio 3, joint_attention_dim 7680 (its
+# config.json as quoted by downstream tests); step-distilled without a guidance embedder.
+VARIANTS["flux2-klein-4b"] = {"denoiser": _dit("Flux2Transformer2DModel", num_layers=5, num_single_layers=20,
+                                               num_attention_heads=24, joint_attention_dim=7680,
+                                               guidance_embeds=False)}
+# FLUX.1-Kontext-dev: the FLUX.1-dev transformer config (in_channels 64, guidance embedder); CLIP-L + T5
+VARIANTS["flux1-kontext-dev"] = VARIANTS["flux1-dev"]
+# Qwen/Qwen-Image and Qwen/Qwen-Image-Edit(-2509): 60 blocks, 24 heads x 128, joint_attention_dim 3584,
+# in_channels 64, out_channels 16, axes_dims_rope (16, 56, 56) (= diffusers' defaults)
+VARIANTS["qwen-image"] = {"denoiser": _dit("QwenImageTransformer2DModel", patch_size=2, in_channels=64,
+                                           out_channels=16, num_layers=60, attention_head_dim=128,
+                                           num_attention_heads=24, joint_attention_dim=3584,
+                                           axes_dims_rope=(16, 56, 56))}
+VARIANTS["qwen-image-edit"] = VARIANTS["qwen-image"]
+# Tongyi-MAI/Z-Image-Turbo: dim 3840, 30 layers + 2 refiner layers, 30 heads, cap_feat_dim 2560 (Qwen3-4B)
+VARIANTS["z-image-turbo"] = {"denoiser": _dit("ZImageTransformer2DModel", all_patch_size=(2,), all_f_patch_size=(1,),
+                                              in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2, n_heads=30,
+                                              n_kv_heads=30, cap_feat_dim=2560, axes_dims=[32, 48, 48],
+                                              axes_lens=[1536, 512, 512])}
+
 #: family name (as :func:`lorakit.families.detect_family` returns it) -> default variant
 _FAMILY_DEFAULT = {
     "sd1": "sd15", "sd15": "sd15", "sdxl": "sdxl", "sd3": "sd3-medium", "sd3.5": "sd3.5-large",
     "flux1": "flux1-dev", "flux": "flux1-dev", "wan": "wan2.1-t2v-14b", "cosmos": "cosmos-predict2-2b",
+    # wave 2 image DiTs
+    "flux2": "flux2-dev", "flux-kontext": "flux1-kontext-dev", "z-image": "z-image-turbo",
 }
 
 #: every name ``meta_components`` accepts
