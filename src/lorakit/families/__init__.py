@@ -3,14 +3,16 @@
 live modules, meta-device modules or checkpoint keys. Importing this package registers the built-in families.
 """
 
-from collections.abc import Iterable
-
 # importing each module registers its family
 from . import clip as _clip  # noqa: F401
 from . import cosmos as _cosmos  # noqa: F401
 from . import flux as _flux  # noqa: F401
 from . import flux2 as _flux2  # noqa: F401
+from . import hunyuanvideo as _hunyuanvideo  # noqa: F401
+from . import ltx2 as _ltx2  # noqa: F401
+from . import ltx_video as _ltx_video  # noqa: F401
 from . import qwen_image as _qwen_image  # noqa: F401
+from . import sd1 as _sd1  # noqa: F401
 from . import sd3 as _sd3  # noqa: F401
 from . import sdxl as _sdxl  # noqa: F401
 from . import wan as _wan  # noqa: F401
@@ -26,14 +28,17 @@ from .base import (
     build_index,
     register_family,
 )
+from .detect import Candidate, FileEvidence, detect, family_scores
 from .resolve import GENERIC, CheckpointNames, Resolution, Resolver, Router, checkpoint_router, components_of
 
 __all__ = [
     "FAMILIES",
     "GENERIC",
     "Alias",
+    "Candidate",
     "CheckpointNames",
     "Family",
+    "FileEvidence",
     "ModuleRef",
     "NameIndex",
     "Resolution",
@@ -45,22 +50,17 @@ __all__ = [
     "checkpoint_router",
     "components_of",
     "detect_family",
+    "family_candidates",
     "register_family",
 ]
 
 
 def detect_family(lora_or_paths: object) -> str | None:
-    """The registered family whose file patterns fit the denoiser layers best (score > 0.5), or ``None``."""
-    paths: Iterable[str]
-    layers = getattr(lora_or_paths, "layers", None)
-    if layers is not None:
-        # the denoiser's names tell the family; text encoders (CLIP, T5) are shared between families
-        paths = [layer.path for layer in layers.values() if layer.component in (None, "denoiser")]
-    else:
-        paths = list(lora_or_paths)  # type: ignore[arg-type]
-    best, score = None, 0.5
-    for family in FAMILIES:
-        s = family.matches_file(paths)
-        if s > score:
-            best, score = family.name, s
-    return best
+    """The one registered family the file is for (:mod:`lorakit.families.detect`: names, then widths and block
+    coverage when names tie), or ``None`` when none fits or the best cannot be told apart."""
+    return detect(lora_or_paths)
+
+
+def family_candidates(lora_or_paths: object) -> list[Candidate]:
+    """Every family that recognises part of the file, with its scores, best first (what ``inspect`` shows)."""
+    return family_scores(lora_or_paths)

@@ -154,6 +154,12 @@ class Family:
             return 0.0
         return sum(bool(self.file_pattern.match(p)) for p in paths) / len(paths)
 
+    def evidence(self, evidence) -> float:
+        """This family's score for a file (:class:`lorakit.families.detect.FileEvidence`: layer paths, shapes,
+        text-encoder widths, metadata), 0 to 1; by default :meth:`matches_file` on the paths. Override to use
+        shapes or metadata, or to score 0 where a name is another family's."""
+        return self.matches_file(evidence.paths)
+
     def aliases(self, component: str, module: nn.Module) -> Iterable[AliasLike]:
         """Extra names (:class:`Alias`) for the modules of ``module`` (a component of this family)."""
         return ()

@@ -7,13 +7,14 @@ Fused projections split exactly by rows: ``img_attn.qkv`` -> ``attn.to_q/to_k/to
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from torch import nn
 
 from .base import Alias, Family, RowTransform, Target, register_family
 
-__all__ = ["Flux"]
+__all__ = ["DIFFUSERS_BLOCKS", "FILE", "Flux"]
 
 # (BFL suffix inside a double block, diffusers module inside transformer_blocks.N)
 _DOUBLE = (
@@ -53,6 +54,22 @@ _GLOBAL = (
 )
 
 
+#: diffusers' double/single stream block names, shared by FLUX.1 and HunyuanVideo
+DIFFUSERS_BLOCKS = (
+    r"transformer_blocks[._]\d+[._](attn[._](to_[qkv]|add_[qkv]_proj|to_out[._]0|to_add_out|norm_(q|k|added_q|added_k))"
+    r"|ff(_context)?[._]net[._](0[._]proj|2)|norm1(_context)?[._]linear)"
+    r"|single_transformer_blocks[._]\d+[._](attn[._](to_[qkv]|norm_[qk])|proj_mlp|proj_out|norm[._]linear)"
+    r"|time_text_embed[._](timestep|text|guidance)_embedder[._]linear_[12]|norm_out[._]linear|proj_out"
+)
+FILE = re.compile(
+    r"^(double_blocks[._]\d+[._]((img|txt)_attn[._](qkv|proj|norm[._](query|key)_norm)|(img|txt)_mlp[._][02]"
+    r"|(img|txt)_mod[._]lin|(processor[._])?(qkv|proj)_lora[12])"
+    r"|single_blocks[._]\d+[._](linear[12]|modulation[._]lin|norm[._](query|key)_norm|(processor[._])?(qkv|proj)_lora)"
+    r"|img_in|txt_in|(time_in|vector_in|guidance_in)[._](in|out)_layer|final_layer[._](linear|adaLN_modulation[._]1)"
+    r"|x_embedder|context_embedder|" + DIFFUSERS_BLOCKS + r")$"
+)
+
+
 def _rows(component: str, prefix: str, names: Iterable[str], mods: dict[str, nn.Module]) -> list[Target]:
     """Consecutive row slices of a fused projection, one per module, sized by the modules' weights."""
     out, start = [], 0
@@ -74,11 +91,12 @@ class Flux(Family):
 
     model_class = "FluxTransformer2DModel"
 
+    file_pattern = FILE
+
     def matches_file(self, paths: Iterable[str]) -> float:
-        keys = ("double_blocks", "single_blocks", "single_transformer_blocks", "img_attn", "linear1")
-        paths = list(paths)
-        hits = sum(any(k in p for k in keys) for p in paths)
-        return hits / max(1, len(paths))
+        """The share of paths that are FLUX.1 names (BFL, XLabs or diffusers, dotted or flattened); the diffusers
+        names are HunyuanVideo's too, so those files tie and the block counts decide (families.detect)."""
+        return super().matches_file(paths)
 
     def aliases(self, component: str, module: nn.Module):
         mods = dict(module.named_modules())

@@ -151,6 +151,31 @@ VARIANTS["z-image-turbo"] = {"denoiser": _dit("ZImageTransformer2DModel", all_pa
                                               in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2, n_heads=30,
                                               n_kv_heads=30, cap_feat_dim=2560, axes_dims=[32, 48, 48],
                                               axes_lens=[1536, 512, 512])}
+# -- wave 2 video families (fam-b). Config values are the released transformer/config.json:
+# hunyuanvideo-community/HunyuanVideo (= diffusers' HunyuanVideoTransformer3DModel defaults: 24 heads x 128, 20 double
+# + 40 single blocks, 2 refiner blocks, text_embed_dim 4096, pooled 768, guidance embeds); HunyuanVideo-I2V (the
+# same with in_channels 33, no guidance embedding, image_condition_type latent_concat); Lightricks/LTX-Video
+# 0.9.0-0.9.5 (32 heads x 64, 28 layers, cross 2048, caption 4096, in 128) and LTX-Video 0.9.7 13B (32 x 128,
+# 48 layers, cross 4096; the config LTX-Video-Trainer writes for it); Lightricks/LTX-2 (= diffusers'
+# LTX2VideoTransformer3DModel defaults, 48 layers, video 32 x 128, audio 32 x 64) and LTX-2.5 (gated attention,
+# prompt AdaLN, no video feed-forward bias: the configuration InvokeAI matched tensor for tensor against the
+# released 2.5 file, invokeai/backend/ltx2/component_configs.py).
+_LTXV = dict(in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32,
+             caption_channels=4096, qk_norm="rms_norm_across_heads", norm_elementwise_affine=False, norm_eps=1e-6)
+_LTX25 = dict(gated_attn=True, cross_attn_mod=True, audio_gated_attn=True, audio_cross_attn_mod=True,
+              rope_type="split", use_prompt_embeddings=False, perturbed_attn=True, ff_bias=False, audio_ff_bias=True,
+              use_prompt_adaln_single=True, use_keyframes_abs_pos_embedding=True)
+VARIANTS.update({
+    "hunyuanvideo-t2v": {"denoiser": _dit("HunyuanVideoTransformer3DModel")},
+    "hunyuanvideo-i2v": {"denoiser": _dit("HunyuanVideoTransformer3DModel", in_channels=33, guidance_embeds=False,
+                                          image_condition_type="latent_concat")},
+    "ltx-video-2b": {"denoiser": _dit("LTXVideoTransformer3DModel", **_LTXV, attention_head_dim=64,
+                                      cross_attention_dim=2048, num_layers=28)},
+    "ltx-video-13b": {"denoiser": _dit("LTXVideoTransformer3DModel", **_LTXV, attention_head_dim=128,
+                                       cross_attention_dim=4096, num_layers=48)},
+    "ltx2": {"denoiser": _dit("LTX2VideoTransformer3DModel")},
+    "ltx2.5": {"denoiser": _dit("LTX2VideoTransformer3DModel", **_LTX25)},
+})
 
 #: family name (as :func:`lorakit.families.detect_family` returns it) -> default variant
 _FAMILY_DEFAULT = {
@@ -158,6 +183,7 @@ _FAMILY_DEFAULT = {
     "flux1": "flux1-dev", "flux": "flux1-dev", "wan": "wan2.1-t2v-14b", "cosmos": "cosmos-predict2-2b",
     # wave 2 image DiTs
     "flux2": "flux2-dev", "flux-kontext": "flux1-kontext-dev", "z-image": "z-image-turbo",
+    "hunyuanvideo": "hunyuanvideo-t2v", "ltx-video": "ltx-video-2b",
 }
 
 #: every name ``meta_components`` accepts

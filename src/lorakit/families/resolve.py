@@ -85,6 +85,9 @@ class Resolution:
 
 def _candidates(path: str, component: str | None) -> list[str]:
     """The path as given, then without / with a leading prefix of ``component`` (or of any component)."""
+    if path.endswith("_") and len(path) > 1 and not path.endswith("__"):
+        # SimpleTuner writes kohya names with a trailing underscore (``..._attn_add_k_proj_``, ComfyUI #4347)
+        return list(dict.fromkeys([path, *_candidates(path[:-1], component)]))
     if path.startswith("_") and len(path) > 1:
         # VideoX-Fun (Wan Fun) writes ``lora_unet__blocks_0_...``: one underscore too many after the prefix
         return list(dict.fromkeys([path, *_candidates(path.lstrip("_"), component)]))

@@ -48,6 +48,12 @@ class SDXL(Family):
     # convert_state_dict_to_kohya writes SDXL LoRAs) looks like an SD 1.x file and is not detected as SDXL
     file_pattern = _FILE
 
+    def evidence(self, evidence) -> float:
+        """SD 1.x / 2.x and SDXL share the UNet names: names plus shapes and metadata decide (``sd1.unet_kind``)."""
+        from .sd1 import unet_kind
+
+        return 1.0 if unet_kind(evidence) == "sdxl" else 0.0
+
     def module_map(self, module: nn.Module) -> list[tuple[str, str, str]]:
         """``(original prefix, diffusers prefix, kind)`` for every block of the UNet that exists; kind is
         ``resnet``, ``attention``, ``sampler`` or ``plain``."""

@@ -1,0 +1,175 @@
+"""Which model family a LoRA file is for: a score table over the registered families, then widths and block
+coverage when names alone tie.
+
+Each family scores a file's :class:`FileEvidence` (its denoiser layer paths, the layers' shapes, the text
+encoders' widths and the file's metadata) through :meth:`Family.evidence` (by default the share of paths its
+``matches_file`` recognises). A family registered by any module plugs in by overriding either method; nothing
+here names a family. When the best scores tie (FLUX.1 and HunyuanVideo in diffusers names, LTX-Video and a
+video-only LTX-2 LoRA), each tied family's released model is built on the meta device and the one on which the
+file's layers land with fitting shapes and cover the blocks best wins; a tie there is ``None``: truly ambiguous.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Mapping
+
+from ..model import LoRA
+from .base import FAMILIES
+
+__all__ = ["Candidate", "FileEvidence", "detect", "family_scores"]
+
+#: a name score must exceed this to count
+THRESHOLD = 0.5
+_BLOCK = re.compile(r"(?:^|[._])((?:[a-z]+_)*(?:blocks|layers))[._](\d+)(?:[._]|$)")
+
+
+@dataclasses.dataclass(frozen=True)
+class FileEvidence:
+    """What a file tells about its family: ``paths`` of its denoiser layers, ``shapes`` ``path -> (out, in, ...)``
+    of the layers whose delta shape is known, ``text_widths`` ``component -> input widths`` of its text-encoder
+    layers, and its ``metadata``."""
+
+    paths: tuple[str, ...]
+    shapes: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    text_widths: Mapping[str, frozenset[int]] = dataclasses.field(default_factory=dict)
+    metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    lora: LoRA | None = None
+
+    @classmethod
+    def of(cls, source: object) -> FileEvidence:
+        if isinstance(source, FileEvidence):
+            return source
+        layers = getattr(source, "layers", None)
+        if layers is None:
+            return cls(tuple(source))  # type: ignore[arg-type]
+        paths, shapes, widths = [], {}, {}
+        for layer in layers.values():
+            shape = _delta_shape(layer)
+            if layer.component in (None, "denoiser"):
+                # the denoiser's names tell the family; text encoders (CLIP, T5) are shared between families
+                paths.append(layer.path)
+                if shape is not None:
+                    shapes[layer.path] = shape
+            elif shape is not None and len(shape) >= 2:
+                widths.setdefault(layer.component, set()).add(shape[1])
+        return cls(tuple(paths), shapes, {k: frozenset(v) for k, v in widths.items()},
+                   dict(getattr(source, "metadata", {}) or {}), source)  # type: ignore[arg-type]
+
+
+def _delta_shape(layer) -> tuple[int, ...] | None:
+    w = getattr(layer, "weight", None)
+    if w is None:
+        return None
+    up, down = getattr(w, "up", None), getattr(w, "down", None)
+    if up is not None and down is not None and up.dim() >= 2 and down.dim() >= 2:
+        return (int(up.shape[0]), *(int(s) for s in down.shape[1:]))
+    full = getattr(w, "diff", None)
+    return None if full is None else tuple(int(s) for s in full.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One family's score for a file: ``score`` from names (and the family's own shape rules); ``fit`` (share of
+    layers that land with fitting shapes on the family's released model) and ``coverage`` (share of that model's
+    blocks the file addresses) only when names tied."""
+
+    family: str
+    score: float
+    fit: float | None = None
+    coverage: float | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def family_scores(source: object) -> list[Candidate]:
+    """Every family that recognises part of the file, best first (ties broken by fit and coverage)."""
+    ev = FileEvidence.of(source)
+    if not ev.paths:
+        return []
+    scored = [(f, float(f.evidence(ev))) for f in FAMILIES]
+    scored = [(f, s) for f, s in scored if s > 0]
+    top = max((s for _, s in scored), default=0.0)
+    out = []
+    tied = [f for f, s in scored if s > THRESHOLD and s >= top - 1e-9]
+    for f, s in scored:
+        if len(tied) > 1 and f in tied:
+            fit, cov = _fit(f.name, ev)
+            out.append(Candidate(f.name, s, fit, cov))
+        else:
+            out.append(Candidate(f.name, s))
+    return sorted(out, key=lambda c: (-c.score, -(c.fit or 0.0), -(c.coverage or 0.0), c.family))
+
+
+def detect(source: object) -> str | None:
+    """The one family the file is for, or ``None`` when no family fits or the best ones cannot be told apart."""
+    cands = [c for c in family_scores(source) if c.score > THRESHOLD]
+    if not cands:
+        return None
+    best = cands[0]
+    rivals = [c for c in cands[1:] if c.score >= best.score - 1e-9]
+    if not rivals:
+        return best.family
+    if best.fit is None or best.fit < 0.999:
+        return None
+    key = (best.fit, best.coverage)
+    return None if any((c.fit, c.coverage) == key for c in rivals) else best.family
+
+
+def _fit(family: str, ev: FileEvidence) -> tuple[float, float]:
+    """How well the file lands on the family's default released model: (placed share, block coverage)."""
+    from .offline import FAMILY_NAMES, meta_components
+    from .resolve import Resolver
+
+    if family not in FAMILY_NAMES:
+        return 0.0, 0.0
+    try:
+        denoiser = meta_components(family, ("denoiser",))["denoiser"]
+    except ImportError:
+        return 0.0, 0.0
+    resolver = _resolver(family, denoiser, Resolver)
+    mods = resolver.index.modules["denoiser"]
+    placed, blocks = 0, set()
+    for path in ev.paths:
+        targets = resolver._first("denoiser", _names(path))
+        if not targets:
+            continue
+        if _fits(ev.shapes.get(path), targets, mods):
+            placed += 1
+            blocks.update(_blocks(t.module for t in targets))
+    model_blocks = _blocks(mods)
+    cover = len(blocks & model_blocks) / len(model_blocks) if model_blocks else 1.0
+    return placed / len(ev.paths), cover
+
+
+_RESOLVERS: dict[str, object] = {}
+
+
+def _resolver(family, denoiser, cls):
+    if family not in _RESOLVERS:
+        _RESOLVERS[family] = cls({"denoiser": denoiser})
+    return _RESOLVERS[family]
+
+
+def _names(path: str) -> list[str]:
+    from .resolve import _candidates
+
+    return _candidates(path, "denoiser")
+
+
+def _fits(shape: tuple[int, ...] | None, targets, mods) -> bool:
+    if shape is None:
+        return True
+    w = getattr(mods[targets[0].module], "weight", None)
+    if w is None:
+        return True
+    rows = sum((t.src_rows[1] - t.src_rows[0]) if t.src_rows else mods[t.module].weight.shape[0] for t in targets)
+    if targets[0].dst_rows is not None:
+        rows = shape[0]
+    return rows == shape[0] and tuple(w.shape[1:]) == tuple(shape[1:])[: w.dim() - 1]
+
+
+def _blocks(names: Iterable[str]) -> set[tuple[str, int]]:
+    return {(m.group(1), int(m.group(2))) for n in names for m in [_BLOCK.search(n)] if m}
