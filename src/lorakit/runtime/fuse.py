@@ -25,6 +25,8 @@ class Contribution:
     delta: torch.Tensor | None  # fp32, shaped like the target rows
     dst_rows: tuple[int, int] | None
     factors: LowRank | None = None
+    #: the quantized module whose weight this lands on (:mod:`lorakit.quant` requantizes it), else ``None``
+    owner: nn.Module | None = None
 
 
 #: ``id(parameter) -> (parameter, its contributions)``, in the order the parameters were first planned

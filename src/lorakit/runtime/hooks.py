@@ -15,6 +15,7 @@ from ..errors import UnsupportedAdapterError
 from ..families import Target
 from ..model import Layer
 from ..placement import bias_delta, rows_adapter
+from ..quant import proxy as quant_proxy
 
 __all__ = ["HookState", "make_branch"]
 
@@ -49,7 +50,9 @@ def _refuse(layer: Layer, target: Target, module: nn.Module) -> None:
 
 def make_branch(layer: Layer, target: Target, module: nn.Module, base: torch.Tensor | None = None) -> Branch:
     """``h(x)`` for the rows of ``module``'s output this target covers (strength 1); ``base``: the rebuilt
-    fused weight of a DoRA layer split over several modules (``placement.fused_base``)."""
+    fused weight of a DoRA layer split over several modules (``placement.fused_base``). A quantized ``module``
+    (:mod:`lorakit.quant`) is planned on a float Linear of its logical shape; its own forward stays untouched."""
+    module = quant_proxy(module, values=layer.dora is not None) or module
     _refuse(layer, target, module)
     adapter = None if layer.weight is None else rows_adapter(layer, target, module.weight, base)
     bias = bias_delta(layer, target)

@@ -37,6 +37,12 @@ from ..placement import (
     param_deltas,
     weight_delta,
 )
+from ..quant import QuantOptions
+from ..quant import commit as quant_commit
+from ..quant import describe as quant_describe
+from ..quant import proxy as quant_proxy
+from ..quant import stage as quant_stage
+from ..quant import warn_lossy as quant_warn_lossy
 from .fuse import Contribution, FusePlan, fuse
 from .hooks import HookState, make_branch
 
@@ -78,6 +84,9 @@ class ApplyReport:
     touched_tensors: int = 0
     families: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
+    #: per quantized target module (``component:module``): ``library``, ``scheme``, ``shape`` and, in fuse mode,
+    #: ``requant_error`` (relative Frobenius error of the applied delta after requantization)
+    quant: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Per LoRA: matched / unmatched / shape-mismatched layer counts."""
@@ -106,6 +115,7 @@ class ApplyReport:
             "touched_tensors": self.touched_tensors,
             "families": self.families,
             "notes": self.notes,
+            "quant": self.quant,
         }
 
     def summary(self) -> str:
@@ -116,6 +126,9 @@ class ApplyReport:
         lines.append(f"{self.mode}: {self.touched_tensors} tensors patched, {self.untouched_modules} weighted modules untouched")
         lines.extend(f"{label}: {len(keys)} broken key(s) skipped (strict=False)" for label, keys in self.invalid.items())
         lines.extend(f"note: {n}" for n in self.notes)
+        lines.extend(f"quantized {name}: {q['library']} {q['scheme']}"
+                     + (f", requant error {q['requant_error']:.3g}" if "requant_error" in q else "")
+                     for name, q in self.quant.items())
         return "\n".join(lines)
 
     __str__ = summary
@@ -136,6 +149,8 @@ class Patch:
         self._handles: list[Any] = []
         self._lora_params = 0
         self.removed = False
+        self._undos: list[Any] = []  # quantized layers: put the original quantized objects back
+        self.quant_options = QuantOptions()
 
     @property
     def strengths(self) -> list[float]:
@@ -188,6 +203,9 @@ class Patch:
                 )
         for handle in self._handles:
             handle.remove()
+        for undo in reversed(self._undos):
+            undo()
+        self._undos.clear()
         for param, original in reversed(self._backups):
             param.data = original
         for module in self.components.values():
@@ -256,8 +274,8 @@ def _fuse_pieces(layer: Layer, targets: list[Target], resolver: Resolver) -> lis
                 raise ShapeMismatchError(f"{name} delta of shape {tuple(delta.shape)} does not fit {tuple(p.shape)}")
             pieces.append((p, Contribution(-1, layer.name, delta.reshape(p.shape), None)))
     for p, c in pieces:
-        if c.delta is None:
-            continue  # factor form: checked by low_rank_factors
+        if c.delta is None or c.owner is not None:
+            continue  # factor form: checked by low_rank_factors; quantized: shaped on the logical stand-in
         rows = p.shape if c.dst_rows is None else (c.dst_rows[1] - c.dst_rows[0], *p.shape[1:])
         if tuple(c.delta.shape) != tuple(rows):
             raise ShapeMismatchError(f"delta of shape {tuple(c.delta.shape)} does not fit {tuple(rows)}")
@@ -268,6 +286,9 @@ def _weight_piece(layer: Layer, t: Target, module: nn.Module, base: torch.Tensor
     w = get_param(module, "weight")
     if w is None:
         raise ShapeMismatchError(f"{t.module} has no weight for the {layer.weight.kind} delta")
+    stand_in = quant_proxy(module, values=layer.dora is not None)
+    if stand_in is not None:  # a quantized layer: a dense delta of its logical shape, requantized at commit
+        return w, Contribution(-1, layer.name, weight_delta(layer, t, stand_in.weight, base), t.dst_rows, owner=module)
     factors = low_rank_factors(layer, t, w.data)
     if factors is not None:
         return w, Contribution(-1, layer.name, None, t.dst_rows, factors)
@@ -318,6 +339,7 @@ class _Plan:
     fuse: FusePlan = dataclasses.field(default_factory=dict)
     hooks: dict[int, HookState] = dataclasses.field(default_factory=dict)
     touched: set[int] = dataclasses.field(default_factory=set)
+    quant_names: dict[int, str] = dataclasses.field(default_factory=dict)  # id(quantized module) -> name
 
 
 def _plan(patch: Patch, resolver: Resolver) -> _Plan:
@@ -340,9 +362,20 @@ def _plan(patch: Patch, resolver: Resolver) -> _Plan:
                 report.shape_mismatches[label][layer.name] = str(exc)
                 continue
             report.matched[label][layer.name] = [t.ref for t in targets]
+            _note_quant(plan, report, targets, resolver)
             patch._lora_params += layer.parameters()
             plan.touched.update(id(resolver.module(t)) for t in targets)
     return plan
+
+
+def _note_quant(plan: _Plan, report: ApplyReport, targets: list[Target], resolver: Resolver) -> None:
+    """Record each quantized target's library, scheme and logical shape in the report."""
+    for t in targets:
+        module = resolver.module(t)
+        info = quant_describe(module)
+        if info is not None:
+            plan.quant_names[id(module)] = str(t.ref)
+            report.quant.setdefault(str(t.ref), {"library": info.library, "scheme": info.scheme, "shape": list(info.shape)})
 
 
 def _plan_fuse(plan: _Plan, i: int, layer: Layer, targets: list[Target], resolver: Resolver, strength: float) -> None:
@@ -377,8 +410,14 @@ def _check_finite(layer: Layer, label: str, dtypes: set[torch.dtype]) -> None:
         )
 
 
+def _planning_weight(module: nn.Module) -> torch.Tensor | None:
+    """The weight hooks are planned on: a quantized layer's logical stand-in (compute dtype), else its weight."""
+    stand_in = quant_proxy(module)
+    return get_param(module, "weight") if stand_in is None else stand_in.weight
+
+
 def _plan_hooks(plan: _Plan, i: int, layer: Layer, targets: list[Target], resolver: Resolver, patch: Patch) -> None:
-    dtypes = {w.dtype for t in targets if (w := get_param(resolver.module(t), "weight")) is not None and w.is_floating_point()}
+    dtypes = {w.dtype for t in targets if (w := _planning_weight(resolver.module(t))) is not None and w.is_floating_point()}
     _check_finite(layer, _label(patch.loras[i][0], i), dtypes)
     base = _fused_base(layer, targets, resolver)
     # every branch is built (and checked) before any is recorded: a failing target leaves no half layer
@@ -416,8 +455,16 @@ def _check_plan(report: ApplyReport, target: object, components: dict[str, nn.Mo
 def _commit(patch: Patch, plan: _Plan, owner: str) -> None:
     """Change the model: swap in the fused tensors (fuse stages them all first) or install the hooks."""
     if patch.mode == "fuse":
-        patch._backups = fuse(plan.fuse, patch._strengths, owner=owner)
-        patch.report.touched_tensors = len(patch._backups)
+        quantized = [(plan.quant_names.get(id(cs[0].owner), str(k)), cs[0].owner, cs)
+                     for k, (_, cs) in plan.fuse.items() if cs and cs[0].owner is not None]
+        plain = {k: v for k, v in plan.fuse.items() if not (v[1] and v[1][0].owner is not None)}
+        staged = quant_stage(quantized, patch._strengths, patch.quant_options)  # before any change: may raise
+        patch._backups = fuse(plain, patch._strengths, owner=owner)
+        patch._undos = quant_commit(staged)
+        for s in staged:
+            patch.report.quant.setdefault(s.name, {})["requant_error"] = s.error
+        quant_warn_lossy(staged, patch.quant_options.warn_threshold)
+        patch.report.touched_tensors = len(patch._backups) + len(staged)
     else:
         for state in plan.hooks.values():
             patch._handles.append(state.module.register_forward_hook(state))
@@ -470,6 +517,9 @@ def apply(
     mode: str = "fuse",
     strict: bool | None = None,
     component: str | None = None,
+    rounding: str = "nearest",
+    seed: int = 0,
+    requant_warn: float = 0.5,
 ) -> Patch:
     """Apply ``loras`` to ``target`` (a diffusers pipeline, a diffusers/transformers model, or any module).
 
@@ -485,6 +535,11 @@ def apply(
     * ``False``: both are skipped; one warning lists the broken layers, another the unmatched ones.
     * ``True``: both raise.
 
+    Quantized layers (:mod:`lorakit.quant`: torchao, bitsandbytes, GGUF, quanto, fp8 + scale) are recognised and
+    listed in ``patch.report.quant``. Hook mode leaves their storage untouched; fuse mode dequantizes, adds the
+    deltas in fp32 and requantizes with the layer's own scheme (``rounding="stochastic"``, seeded by ``seed``, on
+    float8 storage), records the relative error of the applied delta and warns above ``requant_warn``.
+
     A LoRA matching nothing always raises :class:`MatchError`; in hook mode a layer holding NaN/Inf always
     raises :class:`NonFiniteError`. On any error the model is unchanged. Applies and removes on one model
     are serialised (a per-model lock: another thread's call waits); running the model while another thread
@@ -499,6 +554,7 @@ def apply(
         resolver = Resolver(components)
         report = ApplyReport(mode=mode, families=list(resolver.index.families))
         patch = Patch(mode, items, report, components)
+        patch.quant_options = QuantOptions(rounding, seed, requant_warn)
         plan = _plan(patch, resolver)
         unmatched = _check_plan(report, target, components, bool(strict))
         _commit(patch, plan, type(target).__name__)  # everything is computed and checked: only now does the model change
