@@ -32,6 +32,7 @@ __all__ = [
     "InternalError",
     "LorakitError",
     "MatchError",
+    "MetaDeviceError",
     "NonFiniteError",
     "OverwriteError",
     "PatchOrderError",
@@ -121,3 +122,7 @@ class ApiError(LorakitError):
         self.code = code
         self.message = message
         self.headers = headers or {}
+
+
+class MetaDeviceError(LorakitError, ValueError):
+    """A model on the ``meta`` device (shapes, no weights) given where real weights are needed, e.g. to ``apply``."""

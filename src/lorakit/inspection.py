@@ -17,6 +17,7 @@ from .families import Resolver, components_of, detect_family
 from .families.offline import meta_components
 from .formats import load
 from .model import LoRA
+from .placement import fit_problem
 
 __all__ = ["Coverage", "InspectResult", "inspect", "module_kind"]
 
@@ -53,6 +54,8 @@ class Coverage:
     untouched_modules: int
     untouched_by_component: dict[str, int]
     families: list[str]
+    #: layers whose name matched but whose shapes do not fit the module: layer -> expected vs actual
+    misfits: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -141,7 +144,15 @@ def _coverage(lora: LoRA, model: Any) -> Coverage:
         comps = components_of(model)
     resolver = Resolver(comps)
     res = resolver.resolve(lora)
-    touched = {(t.component, t.module) for _, targets in res.matched for t in targets}
+    misfits: dict[str, str] = {}
+    fitting = []
+    for layer, targets in res.matched:
+        problem = next((p for t in targets if (p := fit_problem(layer, t, resolver.module(t)))), None)
+        if problem is None:
+            fitting.append((layer, targets))
+        else:
+            misfits[layer.name] = problem
+    touched = {(t.component, t.module) for _, targets in fitting for t in targets}
     untouched: dict[str, int] = {}
     weighted: dict[str, int] = {}
     for comp, mods in resolver.index.modules.items():
@@ -149,11 +160,12 @@ def _coverage(lora: LoRA, model: Any) -> Coverage:
         weighted[comp] = len(names)
         untouched[comp] = sum((comp, n) not in touched for n in names)
     return Coverage(
-        matched=len(res.matched),
+        matched=len(fitting),
         unmatched=sorted(layer.name for layer in res.unmatched),
         touched_modules=len(touched),
         weighted_modules=weighted,
         untouched_modules=sum(untouched.values()),
         untouched_by_component=untouched,
         families=list(resolver.index.families),
+        misfits=dict(sorted(misfits.items())),
     )

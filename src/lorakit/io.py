@@ -19,7 +19,14 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .errors import FormatError, LorakitError, OverwriteError, SourceNotFoundError, UnsafeFileError
+from .errors import (
+    FormatError,
+    LorakitError,
+    OverwriteError,
+    SourceNotFoundError,
+    UnsafeFileError,
+    UnsupportedAdapterError,
+)
 
 try:
     import fcntl
@@ -311,14 +318,32 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        refused = _refused_globals(path, exc)
         raise UnsafeFileError(
             f"Refused to load {path}: it is a pickle that needs code execution to load "
-            f"({str(exc).splitlines()[-1] if str(exc) else 'unsafe global'}). Nothing from it was run. "
+            f"(it refers to {refused}). Nothing from it was run. "
             "Convert it to .safetensors with a tool you trust, or ask its author for a safetensors file."
         ) from exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise FormatError(f"{path} is not a readable PyTorch weights file: {exc}") from exc
     return _flatten_state_dict(obj, path)
+
+
+def _refused_globals(path: Path, exc: BaseException) -> str:
+    """The globals a refused pickle names (``peft.utils.peft_types.PeftType``), read without running it."""
+    names: list[str] = []
+    try:
+        names = list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception:  # noqa: BLE001 - best effort: fall back to torch's message
+        names = []
+    if not names:
+        found = re.findall(r"(?:Unsupported global: GLOBAL|global) ([\w.]+)", str(exc))
+        names = list(dict.fromkeys(found))
+    if names:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        return f"the global{'s' if len(names) > 1 else ''} {shown}, which weights_only loading refuses"
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else "an unsafe global"
 
 
 def _flatten_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
@@ -335,6 +360,12 @@ def _flatten_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 out[str(k)] = torch.tensor(float(v))
         return out
+    if isinstance(obj, (list, tuple)) and obj and all(isinstance(v, torch.Tensor) for v in obj):
+        raise UnsupportedAdapterError(
+            f"{path} holds a list of {len(obj)} tensors with no names: a cloneofsimo/lora positional file "
+            "(`save_lora_weight`), not supported. Convert it with cloneofsimo/lora's own tools (e.g. `lora_add` to "
+            "merge it into its base model), then `lorakit extract` a LoRA from the result."
+        )
     raise FormatError(f"{path} does not hold a state dict (found {type(obj).__name__})")
 
 

@@ -7,6 +7,7 @@ from .full import FullDiff, NormDiff
 from .loha import LoHaWeights
 from .lokr import LoKrWeights
 from .lora import LoRAWeights
+from .saved import SavedModule
 
 __all__ = [
     "ADAPTERS",
@@ -17,6 +18,7 @@ __all__ = [
     "LoRAWeights",
     "LowRank",
     "NormDiff",
+    "SavedModule",
     "WeightAdapter",
     "adapter_for_fields",
     "register_adapter",

@@ -53,6 +53,10 @@ class WeightAdapter:
     fields: ClassVar[tuple[str, ...]] = ()
     #: fields that must be present once the type is selected
     required: ClassVar[tuple[str, ...]] = ()
+    #: whether ``ΔW`` depends on the base weight itself (OFT, (IA)³, GLoRA, PEFT modules_to_save): such a type
+    #: implements :meth:`delta_from_base`, and :func:`lorakit.placement.bind_layer` turns it into a plain
+    #: full diff against the live weight before fusing or hooking (``W' = W + s·ΔW(W)``)
+    needs_base: ClassVar[bool] = False
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -143,10 +147,18 @@ class WeightAdapter:
         """fp32 delta on the module's bias that comes with the weight delta (PEFT ``lora_B.bias``), or ``None``."""
         return None
 
+    def delta_from_base(self, base: torch.Tensor) -> torch.Tensor:
+        """fp32 ``ΔW`` given the base weight ``base`` (only for :attr:`needs_base` types)."""
+        raise NotImplementedError(f"{self.kind} deltas do not depend on the base weight")
+
+    def bias_from_base(self, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """fp32 delta on the module's bias given its current bias (only for :attr:`needs_base` types)."""
+        return None
+
     def unfused_problem(self, module: nn.Module) -> str | None:
         """Why :meth:`delta_output` cannot run on ``module`` (checked before any hook is installed), or ``None``."""
-        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
-            return None
+        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or type(module).__name__ == "Conv1D":
+            return None  # Conv1D: transformers' GPT-2 linear, run by module_op as F.linear on the [out, in] delta
         return f"no unfused path for a {type(module).__name__} target"
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> WeightAdapter:

@@ -59,10 +59,16 @@ def _print_table(file: str, info: InspectResult) -> None:
         ("targets", ", ".join(f"{k} ({v})" for k, v in info.target_kinds.items())),
     ]
     if info.coverage is not None:
-        rows.append(("coverage", f"{info.coverage.matched} matched, {len(info.coverage.unmatched)} unmatched"))
+        rows.append(("coverage", f"{info.coverage.matched} matched, {len(info.coverage.unmatched)} unmatched"
+                     + (f", {len(info.coverage.misfits)} wrong shape" if info.coverage.misfits else "")))
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
+    misfits = info.coverage.misfits if info.coverage is not None else {}
+    if misfits:
+        console.print(f"[yellow]{len(misfits)} layer(s) match a module name but not its shape:[/yellow]")
+        for name, why in list(misfits.items())[:20]:
+            console.print(f"  {name}: {why}")
     if info.metadata:
         meta = Table(title="metadata", show_header=False)
         for key, value in sorted(info.metadata.items()):

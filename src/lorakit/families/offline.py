@@ -87,7 +87,9 @@ _COSMOS2 = dict(in_channels=16, out_channels=16, attention_head_dim=128, mlp_rat
 
 #: variant -> {component: builder}; the pipeline's text encoders under lorakit's canonical component names
 VARIANTS: dict[str, dict[str, Callable[[], nn.Module]]] = {
-    "sd15": {"denoiser": _unet(), "text_encoder": _clip_l},
+    # runwayml/stable-diffusion-v1-5 unet/config.json: sample_size 64, cross_attention_dim 768 (diffusers'
+    # UNet2DConditionModel defaults are 1280 and None, which gave 32 attn2.to_k/to_v of the wrong shape)
+    "sd15": {"denoiser": _unet(sample_size=64, cross_attention_dim=768), "text_encoder": _clip_l},
     "sd2": {"denoiser": _unet(sample_size=96, attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
                               use_linear_projection=True), "text_encoder": _clip_h},
     "sdxl": {"denoiser": _unet(**_SDXL_UNET), "text_encoder": _clip_l,

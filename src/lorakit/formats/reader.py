@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -24,7 +25,15 @@ from ..adapters import DoRA, adapter_for_fields
 from ..errors import FormatError, LorakitError, NonFiniteError, UnknownFormatError, UnsupportedAdapterError
 from ..io import read_tensors, resolve_source
 from ..model import Layer, LoadReport, LoRA
-from .conventions import PEFT_COMPONENT, PREFIXES, SUFFIXES, UNSUPPORTED_SUFFIXES, WRAPPERS
+from .conventions import PEFT_COMPONENT, PEFT_TRANSFORMER, PREFIXES, SUFFIXES, UNSUPPORTED_SUFFIXES, WRAPPERS
+from .peft_folder import (
+    cloneofsimo_message,
+    config_metadata,
+    is_peft_save,
+    modules_to_save,
+    saved_module_field,
+    sibling_config,
+)
 
 __all__ = ["detect_format", "load", "parse_state_dict", "split_key"]
 
@@ -50,7 +59,12 @@ def _split_prefix(name: str) -> tuple[str | None, str, bool, str]:
     for wrapper in WRAPPERS:
         if stripped.startswith(wrapper):
             stripped = stripped[len(wrapper):]
+    wrapped = stripped != name
     for prefix in PREFIXES:
+        if wrapped and prefix.text == PEFT_TRANSFORMER:
+            # under PEFT's model wrapper "transformer." is ambiguous: GPT-2's "transformer.h.0" is a module path
+            # of the wrapped model, not the diffusers pipeline attribute; the resolver tries both readings
+            continue
         if stripped.startswith(prefix.text) and len(stripped) > len(prefix.text):
             path = stripped[len(prefix.text):]
             return prefix.component, _normalise_path(path), prefix.flat, prefix.convention
@@ -206,8 +220,9 @@ def parse_state_dict(
     metadata = dict(metadata or {})
     report = LoadReport()
     where = f" in {source}" if source else ""
-    groups, group_keys = _group_keys(tensors, report)
-    layers = _build_layers(groups, group_keys, _peft_config(metadata), report, strict=strict, where=where)
+    peft_cfg = _peft_config(metadata)
+    groups, group_keys = _group_keys(tensors, report, modules_to_save(peft_cfg))
+    layers = _build_layers(groups, group_keys, peft_cfg, report, strict=strict, where=where)
     if not layers:
         raise _nothing_loaded(tensors, report, where)
     if strict and not report.ok:
@@ -232,7 +247,7 @@ def _unsupported_stems(tensors: Mapping[str, torch.Tensor], report: LoadReport) 
 
 
 def _group_keys(
-    tensors: Mapping[str, torch.Tensor], report: LoadReport,
+    tensors: Mapping[str, torch.Tensor], report: LoadReport, saved: tuple[str, ...] = (),
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, list[str]]]:
     """``({module name: {canonical field: tensor}}, {module name: file keys})``; every key that joins no
     group is recorded in ``report`` (unknown, invalid or unsupported)."""
@@ -251,8 +266,11 @@ def _group_keys(
             continue
         parts = split_key(key)
         if parts is None:
-            report.unknown.append(key)
-            continue
+            hit = saved_module_field(key, saved)  # PEFT modules_to_save: full replacement weights
+            if hit is None:
+                report.unknown.append(key)
+                continue
+            parts = (*hit, "peft")
         name, field, _conv = parts
         name = _flatten_kohya_stem(name)
         if field in groups[name]:
@@ -298,6 +316,9 @@ def _nothing_loaded(tensors: Mapping[str, torch.Tensor], report: LoadReport, whe
             f"Nothing{where} can be loaded: {', '.join(kinds)} adapters are recognised but not supported yet "
             f"(e.g. {next(iter(sorted(report.unsupported)))}). Convert the file to LoRA/LoHa/LoKr with its trainer."
         )
+    positional = cloneofsimo_message(tensors, where)
+    if positional:
+        return UnsupportedAdapterError(positional)
     sample = ", ".join(sorted(map(str, tensors))[:5])
     return UnknownFormatError(
         f"No LoRA layer recognised{where} (keys: {sample}{', ...' if len(tensors) > 5 else ''}). "
@@ -420,4 +441,23 @@ def load(source: str | os.PathLike[str] | Mapping[str, torch.Tensor] | LoRA, *, 
         return parse_state_dict(source, {}, strict=strict, source=None)
     path = resolve_source(source)
     tensors, metadata = read_tensors(path)
-    return parse_state_dict(tensors, metadata, strict=strict, source=str(Path(path)))
+    config = sibling_config(path)
+    if config is not None and "lora_adapter_metadata" not in metadata:
+        metadata = {**metadata, "lora_adapter_metadata": config_metadata(config)}  # a PEFT adapter folder
+    lora = parse_state_dict(tensors, metadata, strict=strict, source=str(Path(path)))
+    _warn_unknown_alpha(lora, path)
+    return lora
+
+
+def _warn_unknown_alpha(lora: LoRA, path: Path) -> None:
+    """A PEFT save keeps alpha only in its adapter_config.json: without one, say that ``alpha = r`` was assumed."""
+    if "lora_adapter_metadata" in lora.metadata or not is_peft_save(path, lora.report.consumed):
+        return
+    missing = [layer.name for layer in lora if layer.weight is not None and layer.rank and layer.alpha is None]
+    if missing:
+        warnings.warn(
+            f"{path}: a PEFT adapter file without its {path.with_name('adapter_config.json').name}: lora_alpha is "
+            f"unknown for {len(missing)} layer(s), so alpha = r (scale 1) was assumed. Put the adapter_config.json "
+            "the file was saved with next to it for the right scale.",
+            stacklevel=3,
+        )

@@ -14,7 +14,7 @@ from torch import nn
 from ..errors import UnsupportedAdapterError
 from ..families import Target
 from ..model import Layer
-from ..placement import bias_delta, rows_adapter
+from ..placement import bias_delta, is_transposed, oriented_weight, rows_adapter
 from ..quant import proxy as quant_proxy
 
 __all__ = ["HookState", "make_branch"]
@@ -34,7 +34,7 @@ def _bias_shape(module: nn.Module, x: torch.Tensor, n: int) -> tuple[int, ...]:
 
 def _refuse(layer: Layer, target: Target, module: nn.Module) -> None:
     """Raise before any hook is installed when no unfused path exists for this layer on this module."""
-    if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+    if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and not is_transposed(module):
         raise UnsupportedAdapterError(
             f"{layer.name}: no unfused path for a {type(module).__name__} target ({target.module}); "
             "apply this LoRA with mode='fuse'"
@@ -54,7 +54,7 @@ def make_branch(layer: Layer, target: Target, module: nn.Module, base: torch.Ten
     (:mod:`lorakit.quant`) is planned on a float Linear of its logical shape; its own forward stays untouched."""
     module = quant_proxy(module, values=layer.dora is not None) or module
     _refuse(layer, target, module)
-    adapter = None if layer.weight is None else rows_adapter(layer, target, module.weight, base)
+    adapter = None if layer.weight is None else rows_adapter(layer, target, oriented_weight(module), base)
     bias = bias_delta(layer, target)
     if adapter is None and bias is None:
         raise UnsupportedAdapterError(f"{layer.name}: nothing to apply in hook mode ({', '.join(layer.kinds)})")

@@ -30,11 +30,14 @@ from ..families import ModuleRef, Resolver, Target, components_of
 from ..model import Layer, LoRA
 from ..placement import (
     bias_delta,
+    bind_layer,
     fused_base,
     get_param,
+    is_transposed,
     low_rank_factors,
     needs_fused_base,
     param_deltas,
+    transposed_delta,
     weight_delta,
 )
 from ..quant import QuantOptions
@@ -43,6 +46,7 @@ from ..quant import describe as quant_describe
 from ..quant import proxy as quant_proxy
 from ..quant import stage as quant_stage
 from ..quant import warn_lossy as quant_warn_lossy
+from .checks import refuse_meta
 from .fuse import Contribution, FusePlan, fuse
 from .hooks import HookState, make_branch
 
@@ -289,6 +293,8 @@ def _weight_piece(layer: Layer, t: Target, module: nn.Module, base: torch.Tensor
     stand_in = quant_proxy(module, values=layer.dora is not None)
     if stand_in is not None:  # a quantized layer: a dense delta of its logical shape, requantized at commit
         return w, Contribution(-1, layer.name, weight_delta(layer, t, stand_in.weight, base), t.dst_rows, owner=module)
+    if is_transposed(module):  # transformers Conv1D (GPT-2): weight stored [in, out]
+        return w, Contribution(-1, layer.name, transposed_delta(layer, t, w.data, base), None)
     factors = low_rank_factors(layer, t, w.data)
     if factors is not None:
         return w, Contribution(-1, layer.name, None, t.dst_rows, factors)
@@ -354,6 +360,7 @@ def _plan(patch: Patch, resolver: Resolver) -> _Plan:
         report.shape_mismatches[label] = {}
         for layer, targets in res.matched:
             try:
+                layer = bind_layer(layer, targets, resolver.module)  # OFT, (IA)^3, GLoRA, modules_to_save
                 if patch.mode == "fuse":
                     _plan_fuse(plan, i, layer, targets, resolver, strength)
                 else:
@@ -550,6 +557,7 @@ def apply(
     items = _normalise(loras)
     _check_invalid(items, strict)
     components = components_of(target, component)
+    refuse_meta(components, target)
     with _model_lock(components):
         resolver = Resolver(components)
         report = ApplyReport(mode=mode, families=list(resolver.index.families))
