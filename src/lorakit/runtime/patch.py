@@ -37,7 +37,7 @@ from ..placement import (
     param_deltas,
     weight_delta,
 )
-from .fuse import Contribution, FusePlan, fuse
+from .fuse import Contribution, FusePlan, fuse, restore
 from .hooks import HookState, make_branch
 
 __all__ = ["ApplyReport", "Patch", "PatchOrderError", "apply"]  # PatchOrderError: from lorakit.errors
@@ -188,8 +188,7 @@ class Patch:
                 )
         for handle in self._handles:
             handle.remove()
-        for param, original in reversed(self._backups):
-            param.data = original
+        restore(self._backups)  # originals back (bit-exact); the fused tensors are kept for the next fuse
         for module in self.components.values():
             stack = _STACKS.get(module, [])
             if stack and stack[-1] is self:
