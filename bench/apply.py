@@ -1,22 +1,32 @@
 """Apply/remove/switch timings and exactness of lorakit vs diffusers+PEFT on an SD1.5-size UNet (random weights),
-rank-32 LoRAs on the ~192 attention/projection/feed-forward layers; plus hook-mode forward overhead.
+rank-32 LoRAs on the 192 attention/projection/feed-forward layers, LoRAs read from .safetensors files by both;
+the in-place floor ``W += s·B@A``; and the hook-mode forward overhead with 3 stacked LoRAs.
 
-Run: ``flock /tmp/lorakit-bench.lock python bench/apply.py [--dtypes fp32,bf16,fp16] [--repeats 3]``.
+Rounds are interleaved (lorakit, diffusers, floor in turn, order alternating), figures are medians with
+[min-max] over rounds. Refuses to run (exit 3) when the load average is above 0.75 x cores.
+
+Run: ``flock /tmp/lorakit-bench.lock python bench/apply.py [--dtypes fp32,bf16,fp16] [--rounds 5]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import statistics
+import sys
+import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
-import lorakit
-from lorakit.adapters import LoRAWeights
-from lorakit.model import Layer, LoRA
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import check_quiet, ratio, spread, timed  # noqa: E402
+
+import lorakit  # noqa: E402
+from lorakit.adapters import LoRAWeights  # noqa: E402
+from lorakit.model import Layer, LoRA  # noqa: E402
+from lorakit.runtime.fuse import drop_spares  # noqa: E402
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -47,124 +57,157 @@ def make_lora(mods: dict[str, torch.nn.Module], seed: int, rank: int = 32) -> tu
     return LoRA(layers), state
 
 
-def timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
 def differing(unet: torch.nn.Module, snapshot: dict[str, torch.Tensor]) -> int:
     sd = unet.state_dict()
     return sum(not torch.equal(sd[k].view(torch.uint8), v.view(torch.uint8)) for k, v in snapshot.items())
 
 
-def bench_dtype(unet32: torch.nn.Module, dtype: torch.dtype, repeats: int) -> dict[str, float]:
+class Sides:
+    """The timed operations of one dtype; every LoRA is read from its file inside the timed region."""
+
+    def __init__(self, unet: torch.nn.Module, dtype: torch.dtype, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        self.unet, self.mods = unet, targets(unet)
+        self.files = []
+        for seed in (1, 2):
+            state = {k: v.to(dtype).contiguous() for k, v in make_lora(self.mods, seed)[1].items()}
+            path = folder / f"lora{seed}-{dtype}.safetensors".replace("torch.", "")
+            save_file(state, str(path))
+            self.files.append(path)
+        self.factors = [
+            (m.weight, (state := make_lora({n: m}, 1)[1])[f"unet.{n}.lora_B.weight"].flatten(1).to(dtype),
+             state[f"unet.{n}.lora_A.weight"].flatten(1).to(dtype))
+            for n, m in self.mods.items()
+        ]
+        self.patch = None
+        self.n = 0
+
+    def lk_apply(self, which: int) -> None:
+        self.patch = lorakit.apply(self.unet, [(str(self.files[which]), 1.0)])
+
+    def lk_remove(self) -> None:
+        self.patch.remove()
+
+    def df_apply(self, which: int) -> None:
+        from safetensors.torch import load_file
+
+        self.n += 1
+        self.unet.load_lora_adapter(load_file(str(self.files[which])), prefix="unet", adapter_name=f"a{self.n}")
+        self.unet.fuse_lora(lora_scale=1.0, adapter_names=[f"a{self.n}"])
+
+    def df_remove(self) -> None:
+        self.unet.unfuse_lora()
+        self.unet.unload_lora()
+
+    def floor(self) -> float:
+        """``W += B@A`` in place on every target (model dtype), then the weights are put back (untimed)."""
+        saved = [w.detach().clone() for w, _, _ in self.factors]
+        with torch.no_grad():
+            t = time.perf_counter()
+            for w, up, down in self.factors:
+                w.view(w.shape[0], -1).addmm_(up, down)
+            t = time.perf_counter() - t
+            for (w, _, _), s in zip(self.factors, saved):
+                w.copy_(s)
+        return t
+
+
+def bench_dtype(unet32: torch.nn.Module, dtype: torch.dtype, rounds: int, folder: Path) -> dict[str, list[float]]:
     unet = unet32.to(dtype)
-    mods = targets(unet)
-    lora_a, state_a = make_lora(mods, 1)
-    lora_b, state_b = make_lora(mods, 2)
-    snapshot = {f"{n}.{p}": t.detach().clone() for n, m in mods.items() for p, t in m.named_parameters(recurse=False)}
-    r: dict[str, list[float]] = {k: [] for k in ("lk_apply", "lk_remove", "lk_switch", "df_apply", "df_remove", "df_switch")}
-    for _ in range(repeats):
-        patch = None
+    s = Sides(unet, dtype, folder)
+    snapshot = {f"{n}.{p}": t.detach().clone() for n, m in s.mods.items() for p, t in m.named_parameters(recurse=False)}
+    r: dict[str, list[float]] = {}
 
-        def lk_apply():
-            nonlocal patch
-            patch = lorakit.apply(unet, [(lora_a, 1.0)])
+    def rec(key: str, value: float) -> None:
+        r.setdefault(key, []).append(value)
 
-        r["lk_apply"].append(timed(lk_apply))
-        r["lk_remove"].append(timed(patch.remove))
+    def lk_round(phase: str) -> None:
+        if phase == "fresh":
+            drop_spares()  # no buffer from an earlier remove: every fused tensor is a new allocation
+        rec(f"lk_{phase}", timed(lambda: s.lk_apply(0)))
+        rec("lk_remove", timed(s.lk_remove))
+        s.lk_apply(0)
+        rec(f"lk_switch_{phase}", timed(lambda: (s.lk_remove(), s.lk_apply(1))))
+        s.lk_remove()
 
-        def lk_switch():
-            nonlocal patch
-            p = lorakit.apply(unet, [(lora_a, 1.0)])
-            t0 = time.perf_counter()
-            p.remove()
-            patch = lorakit.apply(unet, [(lora_b, 1.0)])
-            return time.perf_counter() - t0
+    def df_round(phase: str) -> None:
+        rec(f"df_{phase}", timed(lambda: s.df_apply(0)))
+        rec("df_remove", timed(s.df_remove))
+        s.df_apply(0)
+        rec(f"df_switch_{phase}", timed(lambda: (s.df_remove(), s.df_apply(1))))
+        s.df_remove()
 
-        r["lk_switch"].append(lk_switch())
-        patch.remove()
-    lk_diff = differing(unet, snapshot)
-
-    def df_load_fuse(state, name):
-        unet.load_lora_adapter(dict(state), prefix="unet", adapter_name=name)
-        unet.fuse_lora(lora_scale=1.0, adapter_names=[name])
-
-    def df_unfuse():
-        unet.unfuse_lora()
-        unet.unload_lora()
-
-    for i in range(repeats):
-        r["df_apply"].append(timed(lambda i=i: df_load_fuse(state_a, f"a{i}")))
-        r["df_remove"].append(timed(df_unfuse))
-        df_load_fuse(state_a, f"a{i}x")
-        r["df_switch"].append(timed(lambda i=i: (df_unfuse(), df_load_fuse(state_b, f"b{i}"))))
-        df_unfuse()
-    df_diff = differing(unet, snapshot)
-    # put the reference weights back so the next dtype starts from the same model
-    with torch.no_grad():
-        for n, m in mods.items():
-            for p, t in m.named_parameters(recurse=False):
-                t.copy_(snapshot[f"{n}.{p}"])
-    out = {k: statistics.median(v) for k, v in r.items()}
-    out.update(lk_diff=lk_diff, df_diff=df_diff, layers=len(mods))
+    for phase in ("fresh", "switched"):
+        if phase == "switched":  # ten switches on each side first
+            for i in range(10):
+                s.lk_apply(i % 2)
+                s.lk_remove()
+                s.df_apply(i % 2)
+                s.df_remove()
+        for i in range(rounds):
+            order = [lk_round, df_round] if i % 2 == 0 else [df_round, lk_round]
+            for fn in order:
+                fn(phase)
+                gc.collect()
+            rec("floor", s.floor())
+    r["lk_diff"] = [differing(unet, snapshot)]
+    drop_spares()
     unet.to(torch.float32)
-    return out
+    return r
 
 
-def hook_overhead(unet: torch.nn.Module, repeats: int) -> tuple[float, float, float]:
+def hook_overhead(unet: torch.nn.Module, rounds: int) -> dict[str, list[float]]:
     mods = targets(unet)
     loras = [make_lora(mods, s)[0] for s in (11, 12, 13)]
-    x = torch.randn(1, 4, 32, 32)
-    t = torch.tensor([500])
-    ctx = torch.randn(1, 77, 768)
-
-    def fwd() -> float:
-        with torch.no_grad():
-            unet(x, t, ctx)  # warm-up
-            return min(timed(lambda: unet(x, t, ctx)) for _ in range(repeats))
-
-    base = fwd()
-    with lorakit.apply(unet, [(lo, 0.5) for lo in loras]):
-        fused = fwd()
-    with lorakit.apply(unet, [(lo, 0.5) for lo in loras], mode="hook"):
-        hooked = fwd()
-    return base, fused, hooked
+    x, t, ctx = torch.randn(1, 4, 32, 32), torch.tensor([500]), torch.randn(1, 77, 768)
+    r: dict[str, list[float]] = {"fused": [], "hook": []}
+    with torch.no_grad():
+        for i in range(rounds):
+            for mode in ("fuse", "hook") if i % 2 == 0 else ("hook", "fuse"):
+                with lorakit.apply(unet, [(lo, 0.5) for lo in loras], mode=mode):
+                    unet(x, t, ctx)  # warm-up
+                    r["fused" if mode == "fuse" else "hook"].append(min(timed(lambda: unet(x, t, ctx)) for _ in range(2)))
+    return r
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--dtypes", default="fp32,bf16,fp16")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-hooks", action="store_true")
+    ap.add_argument("--no-apply", action="store_true")
+    ap.add_argument("--allow-busy", action="store_true", help="print figures (tagged BUSY) even on a loaded machine")
     args = ap.parse_args()
+    busy = check_quiet(args.allow_busy)
     warnings.filterwarnings("ignore")
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    t0 = time.perf_counter()
     with torch.no_grad():
         unet = UNet2DConditionModel(**SD15_UNET).eval()
     n = sum(p.numel() for p in unet.parameters())
-    print(f"SD1.5-size UNet: {n / 1e6:.0f}M params, built in {time.perf_counter() - t0:.1f}s; torch threads {torch.get_num_threads()}")
-    print("| dtype | layers | lorakit apply | diffusers apply | ratio | lorakit remove | diffusers remove | ratio "
-          "| lorakit switch A->B | diffusers switch | ratio | differ after remove (lorakit / diffusers) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for key in args.dtypes.split(","):
-        r = bench_dtype(unet, DTYPES[key], args.repeats)
-        print(
-            f"| {key} | {r['layers']} | {r['lk_apply']:.3f}s | {r['df_apply']:.3f}s | {r['df_apply'] / r['lk_apply']:.1f}x "
-            f"| {r['lk_remove']:.4f}s | {r['df_remove']:.3f}s | {r['df_remove'] / max(r['lk_remove'], 1e-6):.0f}x "
-            f"| {r['lk_switch']:.3f}s | {r['df_switch']:.3f}s | {r['df_switch'] / r['lk_switch']:.1f}x "
-            f"| {r['lk_diff']} / {r['df_diff']} |",
-            flush=True,
-        )
-        gc.collect()
+    print(f"SD1.5-size UNet: {n / 1e6:.0f}M params; torch threads {torch.get_num_threads()}; {args.rounds} interleaved rounds")
+    folder = Path(tempfile.mkdtemp(prefix="lorakit-bench-"))
+    if not args.no_apply:
+        print("| dtype | phase | lorakit apply | diffusers apply | speed-up | lorakit switch A->B | diffusers switch | speed-up "
+              "| in-place floor | switch / floor |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for key in args.dtypes.split(","):
+            r = bench_dtype(unet, DTYPES[key], args.rounds, folder)
+            for phase in ("fresh", "switched"):
+                print(f"| {key} | {phase} | {spread(r[f'lk_{phase}'])} | {spread(r[f'df_{phase}'])} | {ratio(r[f'df_{phase}'], r[f'lk_{phase}'])} "
+                      f"| {spread(r[f'lk_switch_{phase}'])} | {spread(r[f'df_switch_{phase}'])} "
+                      f"| {ratio(r[f'df_switch_{phase}'], r[f'lk_switch_{phase}'])} | {spread(r['floor'])} "
+                      f"| {ratio(r[f'lk_switch_{phase}'], r['floor'])} |{busy}", flush=True)
+            print(f"| {key} | remove | {spread(r['lk_remove'], digits=4)} | {spread(r['df_remove'])} "
+                  f"| {ratio(r['df_remove'], r['lk_remove'])} | tensors differing after all removes: {r['lk_diff'][0]} | | | | |{busy}")
+            gc.collect()
     if not args.no_hooks:
-        base, fused, hooked = hook_overhead(unet, args.repeats)
-        print(f"\nUNet forward fp32 1x4x32x32: plain {base:.3f}s, fused (3 LoRAs) {fused:.3f}s, "
-              f"hook (3 LoRAs, rank 32) {hooked:.3f}s -> hook overhead {100 * (hooked / fused - 1):.1f}%")
+        r = hook_overhead(unet, args.rounds)
+        print(f"\nUNet forward fp32 1x4x32x32, 3 stacked rank-32 LoRAs: fused {spread(r['fused'])}, hook {spread(r['hook'])}; "
+              f"hook / fused = {ratio(r['hook'], r['fused'])}{busy}")
+    check_quiet(True, "end")
 
 
 if __name__ == "__main__":

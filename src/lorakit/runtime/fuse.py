@@ -5,6 +5,8 @@ that removal is bit-exact. The deltas themselves come from :mod:`lorakit.placeme
 from __future__ import annotations
 
 import dataclasses
+import threading
+import weakref
 
 import torch
 from torch import nn
@@ -12,7 +14,17 @@ from torch import nn
 from ..adapters import LowRank
 from ..errors import ConcurrentPatchError, InternalError, NonFiniteError, ShapeMismatchError
 
-__all__ = ["Contribution", "FusePlan", "fuse"]
+__all__ = ["Contribution", "FusePlan", "drop_spares", "fuse", "restore"]
+
+#: elements per chunk of the low-rank kernel: its fp32 scratch (1 MiB) stays in cache between the ops
+CHUNK = 1 << 18
+# The fused tensors that ``restore`` took off each parameter, reused by the next fuse of that parameter, so a
+# switch writes into memory that is already mapped (no page faults, no allocator churn). Weak: a dropped
+# model drops its spares. At most one per parameter: the memory a patch held while it was active.
+# Keyed by id (tensors compare elementwise, so they cannot be WeakKeyDictionary keys); the weak reference's
+# callback drops the entry when the parameter dies, so an id is never reused for a stale spare.
+_TARGET = threading.local()  # the parameter being fused by this thread's fuse()
+_SPARES: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
 
 @dataclasses.dataclass
 class Contribution:
@@ -49,7 +61,9 @@ def fuse(plan: FusePlan, strengths: list[float], *, owner: str = "the model") ->
         live = [c for c in contribs if strengths[c.lora] != 0.0]
         if live:  # strength 0 everywhere: leave the tensor itself in place (bit-exact identity)
             source = param.data
+            _TARGET.param = param  # whose spare the new value may reuse (per thread: fuses on other models run too)
             staged.append((param, source, _fused_tensor(source, live, strengths)))
+    _TARGET.param = None
     for param, source, _ in staged:
         if not _same_tensor(param.data, source):
             layers = sorted({c.layer for c in plan[id(param)][1]})
@@ -65,6 +79,33 @@ def fuse(plan: FusePlan, strengths: list[float], *, owner: str = "the model") ->
     return backups
 
 
+def restore(backups: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
+    """Put the original tensors back (bit-exact) and keep each fused tensor as that parameter's spare."""
+    for param, original in reversed(backups):
+        fused = param.data
+        param.data = original
+        if not _same_tensor(fused, original):
+            key = id(param)
+            _SPARES[key] = (weakref.ref(param, lambda _, key=key: _SPARES.pop(key, None)), fused)
+
+
+def drop_spares() -> int:
+    """Free the fused tensors kept for reuse by the next fuse; returns the bytes released."""
+    freed = sum(t.numel() * t.element_size() for _, t in _SPARES.values())
+    _SPARES.clear()
+    return freed
+
+
+def _output_for(param: nn.Parameter | None, like: torch.Tensor) -> torch.Tensor:
+    """A tensor shaped like ``like`` to write the fused value into: the parameter's spare when it fits."""
+    entry = None if param is None else _SPARES.pop(id(param), None)
+    spare = None if entry is None or entry[0]() is not param else entry[1]
+    if spare is not None and spare.shape == like.shape and spare.dtype == like.dtype and spare.device == like.device \
+            and spare.is_contiguous() and spare.data_ptr() != like.data_ptr():
+        return spare
+    return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+
+
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether ``a`` and ``b`` view the same memory the same way (``param.data`` is a new object per access)."""
     return (
@@ -74,7 +115,11 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _fused_tensor(original: torch.Tensor, live: list[Contribution], strengths: list[float]) -> torch.Tensor:
-    """``round_once(original + Σ sᵢ ΔWᵢ)`` as a fresh tensor, checked finite; ``original`` is not touched."""
+    """``round_once(original + Σ sᵢ ΔWᵢ)`` as a new tensor (``param``'s spare when it has one), checked
+    finite; ``original`` is not touched."""
+    if original.is_contiguous() and original.dim() >= 2 and original.is_floating_point() \
+            and all(c.factors is not None and c.dst_rows is None for c in live):
+        return _fused_low_rank(getattr(_TARGET, 'param', None), original, live, strengths)
     # fp32 accumulation (float64 weights keep float64); always a fresh tensor, never the original
     acc = torch.float64 if original.dtype == torch.float64 else torch.float32
     total = original.detach().to(acc, copy=True)
@@ -106,3 +151,41 @@ def _fused_tensor(original: torch.Tensor, live: list[Contribution], strengths: l
             "nothing was changed. Lower the strength or apply with mode='hook'."
         )
     return new
+
+
+def _fused_low_rank(param: nn.Parameter | None, original: torch.Tensor, live: list[Contribution], strengths: list[float]) -> torch.Tensor:
+    """The fast path (whole-tensor low-rank contributions): row chunks of ``W + Σ sᵢ·scaleᵢ·upᵢ @ downᵢ``
+    computed in fp32 in a cache-sized scratch and rounded once into the output, so memory is read once and
+    written once (the in-place floor) whatever the dtype. Finiteness: one fp32 sum per chunk."""
+    w2 = original.view(original.shape[0], -1)
+    rows, cols = w2.shape
+    acc = torch.float64 if original.dtype == torch.float64 else torch.float32
+    dev = original.device
+    factors = [(c.factors.up.to(dev, acc), c.factors.down.to(dev, acc), strengths[c.lora] * c.factors.scale) for c in live]
+    out = _output_for(param, original)
+    o2 = out.view(rows, cols)
+    step = max(1, CHUNK // max(cols, 1))
+    sums = torch.empty((rows + step - 1) // step, dtype=torch.float32, device=dev)
+    direct = original.dtype == acc  # fp32/fp64: addmm writes straight into the output rows
+    scratch = None if direct else torch.empty((min(step, rows), cols), dtype=acc, device=dev)
+    for j, r0 in enumerate(range(0, rows, step)):
+        r1 = min(r0 + step, rows)
+        if direct:
+            dst = o2[r0:r1]
+            torch.addmm(w2[r0:r1], factors[0][0][r0:r1], factors[0][1], alpha=factors[0][2], out=dst)
+            rest = factors[1:]
+        else:
+            dst = scratch[: r1 - r0].copy_(w2[r0:r1])
+            rest = factors
+        for up, down, alpha in rest:
+            dst.addmm_(up[r0:r1], down, alpha=alpha)
+        if not direct:
+            o2[r0:r1].copy_(dst)
+        torch.sum(o2[r0:r1], dim=(0, 1), dtype=torch.float32, out=sums[j])
+    if not bool(torch.isfinite(sums.sum())) and not bool(torch.isfinite(out).all()) and bool(torch.isfinite(original).all()):
+        names = sorted({c.layer for c in live})
+        raise NonFiniteError(
+            f"fusing {', '.join(names)} gives NaN/Inf in {original.dtype} (strengths {[strengths[c.lora] for c in live]}); "
+            "nothing was changed. Lower the strength or apply with mode='hook'."
+        )
+    return out

@@ -47,7 +47,7 @@ from ..quant import proxy as quant_proxy
 from ..quant import stage as quant_stage
 from ..quant import warn_lossy as quant_warn_lossy
 from .checks import refuse_meta
-from .fuse import Contribution, FusePlan, fuse
+from .fuse import Contribution, FusePlan, fuse, restore
 from .hooks import HookState, make_branch
 
 __all__ = ["ApplyReport", "Patch", "PatchOrderError", "apply"]  # PatchOrderError: from lorakit.errors
@@ -210,8 +210,7 @@ class Patch:
         for undo in reversed(self._undos):
             undo()
         self._undos.clear()
-        for param, original in reversed(self._backups):
-            param.data = original
+        restore(self._backups)  # originals back (bit-exact); the fused tensors are kept for the next fuse
         for module in self.components.values():
             stack = _STACKS.get(module, [])
             if stack and stack[-1] is self:
