@@ -143,6 +143,10 @@ class Family:
     model_class: ClassVar[str] = ""
     #: the family's own layer paths, dotted or flattened (the default ``matches_file``)
     file_pattern: ClassVar[re.Pattern[str] | None] = None
+    #: breaks a detection tie that names, widths and block coverage cannot: the family whose files are far more
+    #: common (FLUX.1 over HunyuanVideo for toy or partial files in their shared names) wins; equal priors stay
+    #: ambiguous
+    prior: ClassVar[float] = 0.0
 
     def matches_model(self, component: str, module: nn.Module) -> bool:
         return bool(self.model_class) and component == "denoiser" and type(module).__name__ == self.model_class

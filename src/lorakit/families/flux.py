@@ -88,6 +88,8 @@ def _xlabs(name: str) -> tuple[str, ...]:
 @register_family
 class Flux(Family):
     name = "flux1"
+    #: most files with double_blocks/single_blocks names are FLUX.1 LoRAs (see families.detect)
+    prior = 1.0
 
     model_class = "FluxTransformer2DModel"
 
