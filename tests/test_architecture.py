@@ -24,6 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("quant",),  # quantized layers and tensors: recognised by the runtime, written by lorakit quantize
     ("runtime", "ops", "inspection"),
     ("pipelines",),
+    ("media",),  # image / video encoders and decoders (Pillow, PyAV) for generation, the CLI and the server
     ("generation",),
     ("train",),  # lorakit.train: training loops over pipelines, validation through generation
     ("lorakit",),  # the package itself (its lazy __init__): the public library API, which cli and server wrap

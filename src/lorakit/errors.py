@@ -14,6 +14,11 @@ keeps working::
     ├── SourceNotFoundError (FileNotFoundError)   a path / hub reference that does not resolve
     ├── OverwriteError (FileExistsError)    an output path equal to an input
     ├── MatchError (ValueError)             a LoRA matched nothing (or, strict, not everything)
+    ├── OutputFormatError (ValueError)      an output suffix that does not fit what is generated (video to .png)
+    ├── MediaError (ValueError)             an input image or video that does not decode
+    ├── TaskInputError (ValueError)         inputs that do not fit the generation task (image to text-to-video)
+    │   └── MissingInputError               a required input is missing (image-to-video without an image)
+    ├── DeviceError (ValueError)            a device / dtype / offload choice this machine cannot run
     ├── ShapeMismatchError (ValueError)     a delta does not fit its target tensor
     ├── UnknownFamilyError (KeyError)       a model family / variant name lorakit does not know
     ├── PatchOrderError (RuntimeError)      a patch removed while a later one on the model is active
@@ -27,18 +32,23 @@ from __future__ import annotations
 __all__ = [
     "ApiError",
     "ConcurrentPatchError",
+    "DeviceError",
     "FormatError",
     "IncompleteAdapterError",
     "InternalError",
     "LorakitError",
     "MatchError",
+    "MediaError",
     "MetaDeviceError",
+    "MissingInputError",
     "NonFiniteError",
+    "OutputFormatError",
     "OverwriteError",
     "PatchOrderError",
     "RankMismatchError",
     "ShapeMismatchError",
     "SourceNotFoundError",
+    "TaskInputError",
     "UnknownFamilyError",
     "UnknownFormatError",
     "UnsafeFileError",
@@ -126,3 +136,31 @@ class ApiError(LorakitError):
 
 class MetaDeviceError(LorakitError, ValueError):
     """A model on the ``meta`` device (shapes, no weights) given where real weights are needed, e.g. to ``apply``."""
+
+
+class OutputFormatError(LorakitError, ValueError):
+    """An output path whose suffix does not fit what is generated (a video to ``.png``), or an unknown suffix."""
+
+
+class MediaError(LorakitError, ValueError):
+    """An input image or video (a file or bytes) that does not decode; the message names the file."""
+
+
+class TaskInputError(LorakitError, ValueError):
+    """Inputs that do not fit the generation task: an image given to text-to-video, a task the pipeline cannot run.
+
+    ``flag`` is the command-line flag at fault (``"--image"``), ``field`` the library / server argument (``"image"``).
+    """
+
+    def __init__(self, message: str, *, flag: str | None = None, field: str | None = None) -> None:
+        super().__init__(message)
+        self.flag = flag
+        self.field = field
+
+
+class MissingInputError(TaskInputError):
+    """A task's required input is missing (image-to-video without an image); the message names the flag."""
+
+
+class DeviceError(LorakitError, ValueError):
+    """A ``device`` / ``dtype`` / ``offload`` choice this machine cannot run (CUDA asked for on a CPU-only host)."""
