@@ -6,7 +6,6 @@ its task (image or video, text- or image-conditioned), and remove the LoRAs agai
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -18,7 +17,7 @@ import torch
 from ..errors import TaskInputError
 from ..model import LoRA
 from ..runtime import ApplyReport, apply
-from .tasks import call_params, check_inputs, infer_task, pipeline_for_task, task_kind
+from .tasks import call_default, call_params, check_inputs, infer_task, pipeline_for_task, task_kind
 
 __all__ = ["EXPERTS", "GenerateResult", "LoraPatches", "LoraSpec", "apply_loras", "default_fps", "generate"]
 
@@ -155,16 +154,6 @@ def _to_pil(array: np.ndarray) -> Any:
     return Image.fromarray((np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8))
 
 
-def _default(runner: Any, name: str) -> Any:
-    """The default of ``name`` in the first ``__call__`` along the MRO that declares it (``None``: none)."""
-    for cls in type(runner).__mro__:
-        call = cls.__dict__.get("__call__")
-        param = None if call is None else inspect.signature(call).parameters.get(name)
-        if param is not None:
-            return param.default
-    return None
-
-
 def _call_kwargs(runner: Any, task: str, *, steps: int, guidance_scale: float, guidance_scale_2: float | None,
                  seed: Any, negative_prompt: Any, width: int | None, height: int | None, image: Any, video: Any,
                  num_frames: int | None, fps: float | None, on_step: Any, output_type: str) -> dict[str, Any]:
@@ -182,7 +171,7 @@ def _call_kwargs(runner: Any, task: str, *, steps: int, guidance_scale: float, g
                 "guidance_scale_2": guidance_scale_2,
                 "fps": int(round(fps)) if fps and "fps" in params else None,  # Cosmos conditions on the frame rate
                 "callback_on_step_end": _step_callback(on_step) if on_step is not None else None}
-    strength = _default(runner, "strength")
+    strength = call_default(runner, "strength")
     if isinstance(strength, float) and int(steps * strength) < 1:
         raise TaskInputError(f"{type(runner).__name__} denoises only strength={strength} of the {steps} steps, which "
                              f"is none: pass --steps {int(np.ceil(1 / strength))} or more", flag="--steps", field="steps")

@@ -23,17 +23,21 @@ from typing import Any
 
 from ..errors import MissingInputError, TaskInputError
 
-__all__ = ["TASKS", "VIDEO_TASKS", "call_params", "check_inputs", "infer_task", "pipeline_for_task", "task_kind"]
+__all__ = ["TASKS", "VIDEO_TASKS", "call_default", "call_params", "check_inputs", "infer_task", "pipeline_for_task", "task_kind"]
 
 TASKS = ("t2i", "i2i", "t2v", "i2v", "v2w")
 VIDEO_TASKS = ("t2v", "i2v", "v2w")
 
 
+def _cls(pipe: Any) -> type:
+    return pipe if isinstance(pipe, type) else type(pipe)
+
+
 def call_params(pipe: Any) -> set[str]:
-    """The keyword arguments a pipeline's ``__call__`` takes; a wrapper's ``**kwargs`` (a subclass that sets defaults
-    and calls ``super().__call__``) is looked through to the parent's signature."""
+    """The keyword arguments a pipeline's (or pipeline class's) ``__call__`` takes; a wrapper's ``**kwargs`` (a
+    subclass that sets defaults and calls ``super().__call__``) is looked through to the parent's signature."""
     found: set[str] = set()
-    for cls in type(pipe).__mro__:
+    for cls in _cls(pipe).__mro__:
         call = cls.__dict__.get("__call__")
         if call is None:
             continue
@@ -47,12 +51,27 @@ def call_params(pipe: Any) -> set[str]:
     return found
 
 
+def call_default(pipe: Any, name: str) -> Any:
+    """The default of argument ``name`` of the pipeline's ``__call__`` (the first class along the MRO declaring it);
+    ``None`` when no class does or it has no default."""
+    for cls in _cls(pipe).__mro__:
+        call = cls.__dict__.get("__call__")
+        try:
+            param = None if call is None else inspect.signature(call).parameters.get(name)
+        except (TypeError, ValueError):
+            param = None
+        if param is not None:
+            return None if param.default is param.empty else param.default
+    return None
+
+
 def infer_task(pipe: Any) -> str:
-    """The task of a diffusers pipeline, from its class name and ``__call__`` arguments (see the module table).
+    """The task of a diffusers pipeline (or pipeline class: no need to load the weights), from its class name and
+    ``__call__`` arguments (see the module table).
 
     Video pipelines take ``num_frames``; ``*VideoToWorld*`` is ``v2w``; a pipeline taking an ``image`` is ``i2v``
     (video) or ``i2i`` (image); anything else is ``t2v`` / ``t2i``."""
-    name = type(pipe).__name__
+    name = _cls(pipe).__name__
     params = call_params(pipe)
     video = "num_frames" in params or "Video" in name
     if "VideoToWorld" in name:
