@@ -283,3 +283,23 @@ def test_base_weights_unchanged_after_many_swaps(pipe, lora_dir):
         assert not all(torch.equal(originals[n], p) for n, p in pipe.unet.named_parameters())
     # Shutdown removes the patch: bit-exact again.
     assert all(torch.equal(originals[n], p) for n, p in pipe.unet.named_parameters())
+
+
+@pytest.mark.parametrize(("kw", "needle"), [
+    ({"response_format": "mp4"}, "makes images"),
+    ({"num_frames": 5}, "makes images"),
+    ({"image": "aGVsbG8="}, "takes no image"),
+])
+def test_image_model_refuses_video_fields(client, kw, needle):
+    res = client.post("/v1/generate", json=body(**kw))
+    assert res.status_code == 422 and needle in res.json()["error"]["message"], res.text
+
+
+def test_info_and_progress_on_the_image_model(client):
+    info = client.get("/v1/info").json()
+    assert info["task"] == "t2i" and info["kind"] == "image" and info["formats"] == ["png"]
+    assert info["limits"]["max_frames"] is None
+    res = client.post("/v1/generate", json=body(request_id="img-1"))
+    assert res.status_code == 200 and res.headers["content-type"] == "image/png"
+    state = client.get("/v1/progress/img-1").json()
+    assert state["state"] == "done" and state["step"] == state["steps"] == STEPS

@@ -58,3 +58,18 @@ def test_limits_and_hub_reach_settings_and_uvicorn(captured, tmp_path):
     s, kw = captured["settings"], captured["uvicorn"]
     assert s.allow_hub == ("org1", "org2") and s.request_timeout == 9 and s.max_pixel_steps == 1000
     assert kw["timeout_keep_alive"] == 2 and kw["limit_concurrency"] == 8
+
+
+def test_device_and_video_options_reach_settings(captured, tmp_path):
+    lora_dir = str(tmp_path / "loras")
+    assert run(["--lora-dir", lora_dir]).exit_code == 0
+    s = captured["settings"]
+    assert (s.device, s.dtype, s.offload, s.max_frames, s.default_frames, s.max_input_mb) == (
+        "auto", "auto", "none", 129, None, 16.0)
+    res = run(["--lora-dir", lora_dir, "--model", "tiny-wan-t2v", "--device", "cpu", "--dtype", "bf16",
+               "--offload", "model", "--max-frames", "9", "--default-frames", "5", "--max-input-mb", "2"])
+    assert res.exit_code == 0, res.output
+    s = captured["settings"]
+    assert (s.model, s.device, s.dtype, s.offload, s.max_frames, s.default_frames, s.max_input_mb) == (
+        "tiny-wan-t2v", "cpu", "bf16", "model", 9, 5, 2.0)
+    assert run(["--lora-dir", lora_dir, "--dtype", "fp8"]).exit_code != 0

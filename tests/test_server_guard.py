@@ -35,7 +35,7 @@ def lora_dir(tmp_path_factory, pipe) -> Path:
 @pytest.fixture
 def app(pipe, lora_dir):
     app = create_app(Settings(lora_dir=str(lora_dir), pipe=pipe, api_key=KEY, allow_upload=True,
-                              max_upload_mb=0.5, max_body_kb=64, max_batch=1))
+                              max_upload_mb=0.5, max_body_kb=64, max_input_mb=0.25, max_batch=1))
     yield app
     app.state.worker.close()
 
@@ -101,7 +101,8 @@ def test_declared_length_over_the_cap_is_413_before_reading(app):
 
 
 @pytest.mark.parametrize(("path", "ctype", "cap"), [
-    ("/v1/generate", b"application/json", 64 << 10),
+    # a generate body may carry one base64 conditioning input of --max-input-mb (0.25 MB here)
+    ("/v1/generate", b"application/json", int(0.25 * (1 << 20) * 4 / 3) + (64 << 10)),
     ("/v1/loras", b"multipart/form-data; boundary=xyz", (512 << 10) + (64 << 10)),
 ])
 def test_streamed_body_is_cut_at_the_cap(app, lora_dir, path, ctype, cap):

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from .guard import Guard
 from .handlers import install_error_handlers
 from .metrics import Metrics
+from .progress import Progress
 from .registry import Registry
 from .routes import generate_router, loras_router, service_router
 from .settings import GenerateRequest, LoraRef, Settings
@@ -21,10 +22,15 @@ from .worker import Stack, Worker
 __all__ = ["GenerateRequest", "LoraRef", "Settings", "create_app"]
 
 
-def _load_pipeline(model: str) -> Any:
+def _load_pipeline(settings: Settings) -> Any:
+    """The served pipeline: ``--model`` (tiny, tiny-FAMILY or a local diffusers folder) on ``--device`` in
+    ``--dtype``, with ``--offload`` as in ``lorakit generate``."""
+    from lorakit.generation.device import place_pipeline, resolve_device, resolve_dtype
     from lorakit.pipelines import load_pipeline
 
-    return load_pipeline(model)
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    return place_pipeline(load_pipeline(settings.model, dtype=dtype), device, dtype, settings.offload)
 
 
 class _RemoteWorker:
@@ -57,17 +63,24 @@ def create_app(settings: Settings) -> FastAPI:
     from .._quiet import silence_known_noise
 
     silence_known_noise()  # dependencies' known start-up noise only (loading the pipeline triggers it)
-    app = FastAPI(title="lorakit", version="0.1.0", description="Generate images with stacks of LoRA adapters.",
+    app = FastAPI(title="lorakit", version="0.1.0", description="Generate images and videos with stacks of LoRA adapters.",
                   lifespan=_lifespan)
     metrics = Metrics()
     registry = Registry(settings.lora_dir, cache_bytes=int(settings.cache_mb * (1 << 20)),
                         allow_hub=settings.allow_hub)
+    progress = Progress()
+    task = "t2i"
     if settings.backend is None:
-        pipe = settings.pipe if settings.pipe is not None else _load_pipeline(settings.model)
+        from lorakit.generation.tasks import infer_task
+
+        pipe = settings.pipe if settings.pipe is not None else _load_pipeline(settings)
+        task = infer_task(pipe)
         worker: Any = Worker(pipe, metrics, max_queue=settings.max_queue, max_batch=settings.max_batch,
-                             max_wait_s=settings.max_wait_s)
+                             max_wait_s=settings.max_wait_s, progress=progress)
+        progress.position = worker.position
     else:
         worker = _RemoteWorker(settings.backend)
+    app.state.task, app.state.progress = task, progress
     metrics.watch(queue_depth=worker.depth,
                   cache=lambda: (registry.hits, registry.misses, registry.cached_bytes()))
     app.state.settings, app.state.metrics, app.state.registry, app.state.worker = settings, metrics, registry, worker

@@ -56,7 +56,15 @@ def body_cap(settings: Settings, method: str, path: str) -> int:
     """The most body bytes a request may send: an upload's limit for ``POST /v1/loras``, else ``max_body_kb``."""
     if method == "POST" and path == "/v1/loras":
         return int(settings.max_upload_mb * (1 << 20)) + UPLOAD_ENVELOPE
+    if method == "POST" and path == "/v1/generate":
+        return generate_cap(settings)
     return int(settings.max_body_kb * 1024)
+
+
+def generate_cap(settings: Settings) -> int:
+    """A generate request may carry one conditioning input of ``--max-input-mb``, base64-encoded (4/3) in JSON or
+    raw in a multipart part, plus the JSON fields around it."""
+    return max(int(settings.max_body_kb * 1024), int(settings.max_input_mb * (1 << 20) * 4 / 3) + (64 << 10))
 
 
 def _leaf_routes(routes: Any) -> Any:
@@ -118,6 +126,8 @@ class Guard:
     def too_large(self, method: str, path: str) -> ApiError:
         if method == "POST" and path == "/v1/loras":
             limit = f"{self.settings.max_upload_mb:g} MB upload"
+        elif method == "POST" and path == "/v1/generate":
+            limit = f"generate body (an input of at most --max-input-mb {self.settings.max_input_mb:g} MB)"
         else:
             limit = f"{self.settings.max_body_kb:g} KiB body"
         return ApiError(413, "too_large", f"Request body exceeds the {limit} limit.")

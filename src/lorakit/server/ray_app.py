@@ -49,7 +49,7 @@ def build_ray_app(settings: Settings, replicas: int = 2, max_stacks_per_replica:
             self.registry = Registry(settings.lora_dir, cache_bytes=int(settings.cache_mb * (1 << 20)))
             from .app import _load_pipeline
 
-            pipe = settings.pipe if settings.pipe is not None else _load_pipeline(settings.model)
+            pipe = settings.pipe if settings.pipe is not None else _load_pipeline(settings)
             # Each replica runs the single-process worker: one owner thread, swaps by remove + fuse.
             self.worker = Worker(pipe, Metrics(), max_queue=settings.max_queue, max_batch=settings.max_batch)
 

@@ -76,6 +76,16 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _family(lora: Any) -> str | None:
+    """The model family the file is for (``None``: unknown or ambiguous); never fails a listing."""
+    try:
+        from lorakit.families import detect_family
+
+        return detect_family(lora)
+    except Exception:  # noqa: BLE001 - detection is advisory here
+        return None
+
+
 def _lora_bytes(lora: LoRA) -> int:
     return sum(t.numel() * t.element_size() for layer in lora for t in layer.tensors())
 
@@ -176,6 +186,7 @@ class Registry:
                 "name": name, "valid": problem is None, "sha256": sha, "format": lora.format,
                 "adapter_types": lora.adapter_types(), "ranks": sorted(set(lora.ranks().values())),
                 "layers": len(lora), "parameters": lora.parameters(), "size_bytes": st.st_size,
+                "family": _family(lora),
             }
             if problem is not None:
                 info["error"] = problem

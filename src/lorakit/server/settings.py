@@ -39,6 +39,15 @@ class Settings:
     # Something with ``async generate(job) -> (png, batch_size)`` that replaces the local worker
     # (the Ray Serve ingress routes jobs to replicas through it); no pipeline is built here then.
     backend: Any = None
+    # Where the pipeline runs (as ``lorakit generate``): auto = CUDA, then MPS, then the CPU.
+    device: str = "auto"
+    dtype: str = "auto"
+    offload: str = "none"
+    # Video models: the most frames one request may ask for, and the count used when it names none.
+    max_frames: int = 129
+    default_frames: int | None = None
+    # Conditioning inputs (image / video in a generate request): decoded size cap in MB.
+    max_input_mb: float = 16.0
 
 
 class LoraRef(BaseModel):
@@ -55,4 +64,14 @@ class GenerateRequest(BaseModel):
     guidance_scale: float = Field(5.0, ge=0.0, le=30.0)
     seed: int = Field(0, ge=0, le=2**63 - 1)
     loras: list[LoraRef] = Field(default_factory=list, max_length=8)
-    response_format: Literal["png", "b64_json"] = "png"
+    #: png (images), mp4 / webp / gif (videos; webp and gif also animate one image), or b64_json: the
+    #: model's default format (png for images, mp4 for videos) as base64 inside JSON. Unset: that default.
+    response_format: Literal["png", "mp4", "webp", "gif", "b64_json"] | None = None
+    #: the conditioning image / video for image-to-image, image-to-video and Video2World models: base64
+    #: (a ``data:`` URL prefix is accepted), or a multipart file part of the same name
+    image: str | None = Field(None, max_length=64 << 20)
+    video: str | None = Field(None, max_length=64 << 20)
+    num_frames: int | None = Field(None, ge=1)
+    fps: float | None = Field(None, gt=0, le=120)
+    #: a client-chosen id to poll ``GET /v1/progress/{request_id}`` with while the request runs
+    request_id: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")

@@ -40,19 +40,32 @@ class Job:
     guidance_scale: float
     seed: int
     sources: tuple[str, ...] = ()  # file of each LoRA, parallel to ``stack`` (for remote replicas)
+    # What to answer: png for an image; mp4 / webp / gif for a video (see lorakit.media)
+    fmt: str = "png"
+    video_task: bool = False  # the pipeline makes videos: frames out, encoded as ``fmt``
+    image: Any = None  # PIL image conditioning the call (i2v, i2i, Video2World)
+    video: Any = None  # list of PIL frames (Video2World)
+    num_frames: int | None = None
+    fps: float = 16.0
+    request_id: str | None = None  # for GET /v1/progress
     enqueued: float = dataclasses.field(default_factory=time.monotonic)
     deadline: float | None = None  # time.monotonic() after which the job is dropped from the queue (504)
     future: Future = dataclasses.field(default_factory=Future)
 
     def batch_key(self) -> tuple[Any, ...]:
-        # Requests may share one pipeline call only if everything but prompt/seed is equal.
-        return (self.stack, self.width, self.height, self.steps, self.guidance_scale)
+        # Requests may share one pipeline call only if everything but prompt/seed is equal; a conditioned
+        # request (its own image or video) always runs alone.
+        alone = id(self) if self.image is not None or self.video is not None else None
+        return (self.stack, self.width, self.height, self.steps, self.guidance_scale, self.num_frames, alone)
 
 
 def _fail(job: Job, exc: BaseException) -> None:
     """Set ``exc`` on a job's future unless its client already cancelled it (or it is done)."""
     with contextlib.suppress(InvalidStateError):
         job.future.set_exception(exc)
+
+
+MEDIA_TYPES = {"png": "image/png", "mp4": "video/mp4", "webp": "image/webp", "gif": "image/gif"}
 
 
 def to_png(image: np.ndarray) -> bytes:
@@ -77,8 +90,10 @@ class Worker:
         max_batch: int = 4,
         max_wait_s: float = 5.0,
         apply: Callable[..., Any] | None = None,
+        progress: Any = None,
     ) -> None:
         self.pipe = pipe
+        self.progress = progress
         self.metrics = metrics
         self.max_queue = max_queue
         self.max_batch = max_batch
@@ -111,6 +126,15 @@ class Worker:
     def depth(self) -> int:
         with self._cond:
             return len(self._queue)
+
+    def position(self, request_id: str) -> int | None:
+        """How many queued jobs are ahead of the one with ``request_id`` (``None``: not queued). The scheduler
+        may still serve it earlier (same LoRA stack as the running one) or later (a starving job first)."""
+        with self._cond:
+            for i, j in enumerate(self._queue):
+                if j.request_id == request_id:
+                    return i
+        return None
 
     def close(self) -> None:
         with self._cond:
@@ -179,11 +203,17 @@ class Worker:
                 images = self._generate(batch)
             except BaseException as exc:  # one failed call must not kill the worker
                 for j in batch:
+                    self._note(j, "failed", str(exc))
                     _fail(j, exc)
                 continue
-            for j, png in zip(batch, images):
-                # The batch size travels with the image: clients and tests can tell batched results apart.
-                j.future.set_result((png, len(batch)))
+            for j, data in zip(batch, images):
+                self._note(j, "done")
+                # The batch size travels with the result: clients and tests can tell batched results apart.
+                j.future.set_result((data, len(batch)))
+
+    def _note(self, job: Job, state: str, *args: Any) -> None:
+        if self.progress is not None and job.request_id is not None:
+            getattr(self.progress, state)(job.request_id, *args)
 
     # ---- execution -------------------------------------------------------------------------------
     def _switch(self, job: Job) -> None:
@@ -206,12 +236,43 @@ class Worker:
     def _generate(self, batch: list[Job]) -> list[bytes]:
         first = batch[0]
         self._switch(first)
+
+        def on_step(step: int) -> None:
+            for j in batch:
+                if self.progress is not None and j.request_id is not None:
+                    self.progress.step(j.request_id, step + 1, first.steps)
+
+        extra: dict[str, Any] = {}
+        if first.image is not None:
+            extra["image"] = first.image
+        if first.video is not None:
+            extra["video"] = first.video
+        if first.video_task:
+            extra.update(num_frames=first.num_frames, fps=first.fps)
         # loras=None: the fused stack stays on across batches; _switch swaps it only when the stack changes.
         result = generate(
             self.pipe, [j.prompt for j in batch], negative_prompt=[j.negative_prompt for j in batch],
             width=first.width, height=first.height, steps=first.steps, guidance_scale=first.guidance_scale,
-            seed=[j.seed for j in batch], output_type="np",
+            seed=[j.seed for j in batch], output_type="np" if not first.video_task else "pil", on_step=on_step,
+            **extra,
         )
         self.calls += 1
         self.metrics.observe_batch(len(batch), result.seconds)
-        return [to_png(img) for img in result.images]
+        if first.video_task:
+            from lorakit.media import encode_video
+
+            frames = result.frames or [[img] for img in result.images]
+            return [encode_video(f, j.fmt, j.fps) for j, f in zip(batch, frames)]
+        return [_encode_image(img, j.fmt) for j, img in zip(batch, result.images)]
+
+
+def _encode_image(image: Any, fmt: str) -> bytes:
+    if fmt == "png" and isinstance(image, np.ndarray):
+        return to_png(image)
+    from lorakit.media import encode_image, encode_video
+
+    if isinstance(image, np.ndarray):
+        from PIL import Image
+
+        image = Image.fromarray((image * 255).round().astype("uint8"))
+    return encode_image(image, fmt) if fmt == "png" else encode_video([image], fmt, 1.0)

@@ -1,4 +1,10 @@
-"""``POST /v1/generate``: validate the request, resolve its LoRA stack, queue it, answer PNG or base64 JSON.
+"""``POST /v1/generate``: validate the request, resolve its LoRA stack, queue it, answer the image or video (PNG,
+MP4, WebP, GIF) or base64 JSON.
+
+The body is JSON (a conditioning ``image``/``video`` as base64), or multipart/form-data with the same fields as
+form fields (``loras`` as a JSON string) and the image or video as a file part. The model's task decides what a
+request must carry: an image-to-video model without an image is 422, an image that does not decode is 400, more
+frames than ``--max-frames`` is 422, and a video asked for as PNG (or an image as MP4) is 422.
 
 Each request has a deadline (``--request-timeout``, queue wait plus run): past it the client gets 504 and a job
 still queued is dropped. A client that disconnects while its job is queued cancels it: it is never generated.
@@ -8,12 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
+import json
 import time
 from concurrent.futures import Future
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from lorakit.errors import LorakitError
@@ -21,11 +31,48 @@ from lorakit.errors import LorakitError
 from ..deps import MetricsDep, RegistryDep, SettingsDep, WorkerDep, check_api_key
 from ..registry import ApiError, Registry
 from ..settings import GenerateRequest, Settings
-from ..worker import Job, Stack
+from ..worker import MEDIA_TYPES, Job, Stack
+
+VIDEO_TASKS = ("t2v", "i2v", "v2w")
+#: what each task must be given (a Video2World model takes an image or a video)
+NEEDS = {"i2i": ("image",), "i2v": ("image",), "v2w": ("image", "video")}
+TAKES = {"t2i": (), "t2v": (), "i2i": ("image",), "i2v": ("image",), "v2w": ("image", "video")}
 
 __all__ = ["build_job", "router"]
 
 router = APIRouter()
+
+
+def _check_task(req: GenerateRequest, settings: Settings, task: str, inputs: dict[str, bytes]) -> tuple[str, int | None]:
+    """The output format and frame count for this model's ``task``, or 422 naming what is wrong."""
+    video = task in VIDEO_TASKS
+    for name in inputs:
+        if name not in TAKES.get(task, ()):
+            raise ApiError(422, "invalid_request", f"{name}: this model's task ({task}) takes no {name}; "
+                           f"see GET /v1/info")
+    needs = NEEDS.get(task, ())
+    if needs and not any(n in inputs for n in needs):
+        raise ApiError(422, "missing_input", f"this model's task ({task}) needs {' or '.join(needs)}: send it "
+                       "base64 in the JSON body or as a multipart file part")
+    fmt = req.response_format or ("mp4" if video else "png")
+    if fmt == "b64_json":
+        fmt = "mp4" if video else "png"
+    if video and fmt == "png":
+        raise ApiError(422, "invalid_request", "response_format: this model makes videos; ask for mp4, webp, gif "
+                       "or b64_json (an mp4 inside JSON)")
+    if not video and fmt in ("mp4", "webp", "gif"):
+        raise ApiError(422, "invalid_request", f"response_format: this model makes images; {fmt} is a video "
+                       "format, ask for png or b64_json")
+    frames = req.num_frames
+    if not video:
+        if frames is not None:
+            raise ApiError(422, "invalid_request", "num_frames: this model makes images, not videos")
+        return fmt, None
+    frames = frames or settings.default_frames
+    if frames is not None and frames > settings.max_frames:
+        raise ApiError(422, "invalid_request", f"num_frames: at most {settings.max_frames} (--max-frames), "
+                       f"got {frames}")
+    return fmt, frames
 
 
 def _check_limits(req: GenerateRequest, settings: Settings) -> None:
@@ -39,15 +86,35 @@ def _check_limits(req: GenerateRequest, settings: Settings) -> None:
     limit = settings.max_pixel_steps
     if limit is None:
         limit = settings.max_steps * settings.max_size * settings.max_size
-    work = req.steps * req.width * req.height
+    frames = req.num_frames or settings.default_frames or 1
+    work = req.steps * req.width * req.height * frames
     if work > limit:
+        what = "steps x width x height" + (" x frames" if frames > 1 else "")
         raise ApiError(422, "invalid_request",
-                       f"steps x width x height = {work} exceeds this server's limit of {limit} (--max-pixel-steps)")
+                       f"{what} = {work} exceeds this server's limit of {limit} (--max-pixel-steps)")
 
 
-def build_job(req: GenerateRequest, settings: Settings, registry: Registry) -> Job:
-    """Check the server's limits and load the request's LoRAs (through the registry's cache) into a job."""
+def _decode_inputs(inputs: dict[str, bytes]) -> dict[str, Any]:
+    from lorakit.errors import MediaError
+    from lorakit.media import read_image, read_video
+
+    out: dict[str, Any] = {}
+    for name, data in inputs.items():
+        try:
+            out[name] = read_image(data) if name == "image" else read_video(data)
+        except (MediaError, OSError, ValueError) as exc:
+            raise ApiError(400, "invalid_input", f"{name}: does not decode as an {name} ({exc})") from exc
+    return out
+
+
+def build_job(req: GenerateRequest, settings: Settings, registry: Registry, task: str = "t2i",
+              inputs: dict[str, bytes] | None = None) -> Job:
+    """Check the request against the model's task and the server's limits, decode its image/video, and load its
+    LoRAs (through the registry's cache) into a job."""
+    inputs = inputs or {}
+    fmt, frames = _check_task(req, settings, task, inputs)
     _check_limits(req, settings)
+    decoded = _decode_inputs(inputs)
     stack: list[tuple[str, float]] = []
     loras = []
     sources: list[str] = []
@@ -64,7 +131,8 @@ def build_job(req: GenerateRequest, settings: Settings, registry: Registry) -> J
     return Job(
         stack=key, loras=loras, prompt=req.prompt, negative_prompt=req.negative_prompt or "",
         width=req.width, height=req.height, steps=req.steps, guidance_scale=req.guidance_scale, seed=req.seed,
-        sources=tuple(sources),
+        sources=tuple(sources), fmt=fmt, video_task=task in VIDEO_TASKS, image=decoded.get("image"),
+        video=decoded.get("video"), num_frames=frames, fps=float(req.fps or 16.0), request_id=req.request_id,
     )
 
 
@@ -98,19 +166,102 @@ async def _await_job(request: Request, future: Future, settings: Settings, deadl
     raise _timeout(settings)
 
 
+def _b64(name: str, value: str) -> bytes:
+    if value.startswith("data:"):
+        value = value.partition(",")[2]
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ApiError(400, "invalid_input", f"{name}: not valid base64 ({exc})") from exc
+
+
+def _invalid(exc: ValidationError) -> RequestValidationError:
+    return RequestValidationError(exc.errors(include_url=False))
+
+
+async def _parse(request: Request, settings: Settings) -> tuple[GenerateRequest, dict[str, bytes]]:
+    """The request and its raw conditioning inputs, from JSON or multipart/form-data."""
+    ctype = request.headers.get("content-type", "")
+    inputs: dict[str, bytes] = {}
+    if ctype.startswith("multipart/form-data"):
+        form = await request.form(max_files=2, max_fields=32)
+        fields: dict[str, Any] = {}
+        for key, value in form.multi_items():
+            if key in ("image", "video"):
+                inputs[key] = await value.read() if hasattr(value, "read") else _b64(key, str(value))
+            elif key == "loras":
+                try:
+                    fields[key] = json.loads(str(value))
+                except ValueError as exc:
+                    raise ApiError(422, "invalid_request", f"loras: not JSON ({exc})") from exc
+            else:
+                fields[key] = value
+        try:
+            req = GenerateRequest.model_validate(fields)
+        except ValidationError as exc:
+            raise _invalid(exc) from exc
+    else:
+        body = await request.body()
+        try:
+            req = GenerateRequest.model_validate_json(body)
+        except ValidationError as exc:
+            raise _invalid(exc) from exc
+        for key in ("image", "video"):
+            value = getattr(req, key)
+            if value is not None:
+                inputs[key] = _b64(key, value)
+    cap = int(settings.max_input_mb * (1 << 20))
+    for key, data in inputs.items():
+        if len(data) > cap:
+            raise ApiError(413, "too_large", f"{key}: {len(data)} bytes exceeds --max-input-mb "
+                           f"{settings.max_input_mb:g} MB")
+    return req, inputs
+
+
+def _schema() -> dict[str, Any]:
+    """The JSON body's schema with its definitions inlined (the route parses the body itself)."""
+    schema = GenerateRequest.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline(defs[ref.rsplit("/", 1)[1]])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    schema = inline(schema)
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": schema},
+        "multipart/form-data": {"schema": {"type": "object", "properties": {
+            **{k: v for k, v in schema["properties"].items() if k not in ("image", "video", "loras")},
+            "loras": {"type": "string", "description": "the loras list as a JSON string"},
+            "image": {"type": "string", "format": "binary"}, "video": {"type": "string", "format": "binary"},
+        }}},
+    }}}
+
+
 @router.post(
     "/v1/generate",
-    responses={200: {"content": {"image/png": {}, "application/json": {}}}},
+    responses={200: {"content": {**{t: {} for t in MEDIA_TYPES.values()}, "application/json": {}}}},
+    openapi_extra=_schema(),
 )
 async def generate(
-    request: Request, req: GenerateRequest, settings: SettingsDep, registry: RegistryDep, metrics: MetricsDep,
-    worker: WorkerDep,
+    request: Request, settings: SettingsDep, registry: RegistryDep, metrics: MetricsDep, worker: WorkerDep,
 ) -> Response:
     check_api_key(request, settings)
     start = time.perf_counter()
     deadline = time.monotonic() + settings.request_timeout
-    job = await run_in_threadpool(build_job, req, settings, registry)
+    req, inputs = await _parse(request, settings)
+    task = getattr(request.app.state, "task", "t2i")
+    job = await run_in_threadpool(build_job, req, settings, registry, task, inputs)
     job.deadline = deadline
+    progress = getattr(request.app.state, "progress", None)
+    if progress is not None:
+        progress.queued(job.request_id, job.steps)
     if settings.backend is not None:
         try:
             png, batch_size = await asyncio.wait_for(settings.backend.generate(job),
@@ -124,6 +275,8 @@ async def generate(
         "X-Lorakit-Stack": ",".join(f"{sha[:12]}:{s:g}" for sha, s in job.stack),
         "X-Lorakit-Batch-Size": str(batch_size),
     }
+    media_type = MEDIA_TYPES[job.fmt]
     if req.response_format == "b64_json":
-        return JSONResponse({"b64_json": base64.b64encode(png).decode(), "seed": req.seed}, headers=headers)
-    return Response(png, media_type="image/png", headers=headers)
+        return JSONResponse({"b64_json": base64.b64encode(png).decode(), "media_type": media_type,
+                             "seed": req.seed}, headers=headers)
+    return Response(png, media_type=media_type, headers=headers)
