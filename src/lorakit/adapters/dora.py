@@ -29,6 +29,9 @@ class DoRA:
     def from_tensor(tensor: torch.Tensor, *, peft: bool, name: str = "?") -> DoRA:
         if not bool(torch.isfinite(tensor.float()).all()):
             raise NonFiniteError(f"{name}: DoRA magnitude contains NaN or Inf; the file is corrupt.")
+        if tensor.dim() == 0:
+            raise FormatError(f"{name}: a DoRA magnitude is a vector or a [out, 1] / [1, in] matrix, got a scalar; "
+                              "the file is corrupt.")
         if peft or tensor.dim() == 1:
             axis = "out"
         elif tensor.shape[0] == 1 and tensor.dim() >= 2 and tensor.shape[1] != 1:

@@ -6,8 +6,9 @@ encoders' widths and the file's metadata) through :meth:`Family.evidence` (by de
 ``matches_file`` recognises). A family registered by any module plugs in by overriding either method; nothing
 here names a family. When the best scores tie (FLUX.1 and HunyuanVideo in diffusers names, LTX-Video and a
 video-only LTX-2 LoRA), each tied family's released model is built on the meta device and the one on which the
-file's layers land with fitting shapes and cover the blocks best wins; a tie there goes to the family with the
-higher ``prior`` (FLUX.1 over HunyuanVideo), and with equal priors it is ``None``: truly ambiguous.
+file's layers land with fitting shapes and cover the blocks best wins, and a tie there is ``None``: truly ambiguous.
+When the shapes fit none of the tied families (a toy or truncated file), the family with the higher ``prior`` wins
+(FLUX.1 over HunyuanVideo); equal priors give ``None``.
 """
 
 from __future__ import annotations
@@ -114,15 +115,13 @@ def detect(source: object) -> str | None:
     if not rivals:
         return best.family
     key = (best.fit, best.coverage)
-    if best.fit is not None and best.fit >= 0.999 and not any((c.fit, c.coverage) == key for c in rivals):
-        return best.family
-    # names tie and the shapes do not decide (toy widths, or blocks both models have): the family whose files
-    # are far more common wins when exactly one has the highest prior; otherwise the file is truly ambiguous
     if best.fit is not None and best.fit >= 0.999:
-        tied = [best, *(c for c in rivals if (c.fit, c.coverage) == key)]
-    else:
-        tied = [best, *rivals]
-    priors = {c.family: _prior(c.family) for c in tied}
+        # the file fits the best family's released model exactly: unless a rival fits and covers as well
+        # (truly ambiguous: None), that family wins
+        return None if any((c.fit, c.coverage) == key for c in rivals) else best.family
+    # the shapes fit none of the tied families' released models (a toy or truncated file): only names are left,
+    # and the family whose files are far more common wins when exactly one has the highest prior
+    priors = {c.family: _prior(c.family) for c in [best, *rivals]}
     top = max(priors.values())
     winners = [f for f, p in priors.items() if p == top]
     return winners[0] if len(winners) == 1 and top > min(priors.values()) else None
