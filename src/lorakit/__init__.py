@@ -40,6 +40,7 @@ _LAZY = {
     "merge": "lorakit.ops",
     "resize": "lorakit.ops",
     "save": "lorakit.saving",
+    "split": "lorakit.ops",
     "tiny_pipeline": "lorakit.pipelines",
     "validate": "lorakit.ops",
 }
@@ -70,6 +71,7 @@ __all__ = [
     "merge",
     "resize",
     "save",
+    "split",
     "tiny_pipeline",
     "validate",
 ]

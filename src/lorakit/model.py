@@ -135,12 +135,17 @@ class Layer:
 class LoadReport:
     """What happened to every key of the file: each key is in exactly one of ``consumed`` (its layer
     name), ``unsupported`` (recognised adapter types lorakit cannot compute yet, with the reason),
-    ``invalid`` (broken keys skipped with ``strict=False``, with the reason) or ``unknown``."""
+    ``invalid`` (broken keys skipped with ``strict=False``, with the reason), ``base_weights`` (a model
+    checkpoint's own weights next to its LoRA layers, e.g. a Cosmos post-training checkpoint: expected, not a
+    problem; ``lorakit split`` writes them apart) or ``unknown``."""
 
     consumed: dict[str, str] = dataclasses.field(default_factory=dict)
     unsupported: dict[str, str] = dataclasses.field(default_factory=dict)
     invalid: dict[str, str] = dataclasses.field(default_factory=dict)
     unknown: list[str] = dataclasses.field(default_factory=list)
+    base_weights: list[str] = dataclasses.field(default_factory=list)
+    #: elements of the ``base_weights`` tensors
+    base_parameters: int = 0
 
     @property
     def ok(self) -> bool:
@@ -158,6 +163,8 @@ class LoadReport:
             "unsupported": dict(sorted(self.unsupported.items())),
             "invalid": dict(sorted(self.invalid.items())),
             "unknown": sorted(self.unknown),
+            "base_weights": len(self.base_weights),
+            "base_parameters": self.base_parameters,
         }
 
 

@@ -23,6 +23,7 @@ COMMANDS = {
     "compose": "lorakit.cli.tools_cmd:compose_cmd",
     "resize": "lorakit.cli.tools_cmd:resize_cmd",
     "validate": "lorakit.cli.tools_cmd:validate_cmd",
+    "split": "lorakit.cli.tools_cmd:split_cmd",
     "serve": "lorakit.cli.serve_cmd:serve_cmd",
 }
 

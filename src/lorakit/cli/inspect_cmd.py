@@ -58,6 +58,13 @@ def _print_table(file: str, info: InspectResult) -> None:
         ("components", ", ".join(f"{k} ({v})" for k, v in info.components.items())),
         ("targets", ", ".join(f"{k} ({v})" for k, v in info.target_kinds.items())),
     ]
+    base = info.report.get("base_parameters", 0)
+    if base:
+        # a model checkpoint with LoRA layers inside (Cosmos post-training): Cosmos' own statistics
+        total = base + info.parameters
+        rows += [("base weights", f"{info.report['base_weights']:,} keys (split them off with `lorakit split`)"),
+                 ("total parameters", f"{total:,}"), ("LoRA parameters", f"{info.parameters:,}"),
+                 ("LoRA parameter ratio", f"{100 * info.parameters / total:.2f}%")]
     if info.coverage is not None:
         rows.append(("coverage", f"{info.coverage.matched} matched, {len(info.coverage.unmatched)} unmatched"
                      + (f", {len(info.coverage.misfits)} wrong shape" if info.coverage.misfits else "")))

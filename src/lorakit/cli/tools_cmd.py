@@ -175,3 +175,19 @@ def validate_cmd(lora, base, tuned, threshold, report, layer_names, as_json) -> 
         with atomic_output(layer_names) as tmp:
             tmp.write_text("\n".join(result.summary["layer_names"]) + "\n", encoding="utf-8")
     _emit(result, as_json, "Validation" + (f" (report: {report})" if report else ""))
+
+
+@click.command("split")
+@click.argument("checkpoint")
+@click.option("--lora-out", required=True, help="the LoRA part (.safetensors, PEFT names with alpha in its header)")
+@click.option("--base-out", default=None, help="the model's own weights (.base_layer dropped from names)")
+@click.option("--alpha", type=float, default=None, help="LoRA alpha (default: from --config, else alpha = rank)")
+@click.option("--config", default=None, type=click.Path(dir_okay=False, exists=True),
+              help="training config (JSON/YAML) to read lora_alpha / lora_rank from")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def split_cmd(checkpoint, lora_out, base_out, alpha, config, as_json) -> None:
+    """Split a model checkpoint with LoRA layers inside (Cosmos Predict2 post-training) into LoRA and base."""
+    from ..ops import split
+
+    result = split(checkpoint, lora_out, base_out, alpha=alpha, config=config)
+    _emit(result, as_json, f"Wrote {lora_out}" + (f" and {base_out}" if base_out else ""))

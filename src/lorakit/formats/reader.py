@@ -222,6 +222,7 @@ def parse_state_dict(
     where = f" in {source}" if source else ""
     peft_cfg = _peft_config(metadata)
     groups, group_keys = _group_keys(tensors, report, modules_to_save(peft_cfg))
+    _move_base_weights(tensors, report, groups)
     layers = _build_layers(groups, group_keys, peft_cfg, report, strict=strict, where=where)
     if not layers:
         raise _nothing_loaded(tensors, report, where)
@@ -229,6 +230,28 @@ def parse_state_dict(
         raise FormatError(f"{len(report.problems())} keys{where} were not loaded: " + "; ".join(
             f"{k}: {v}" for k, v in list(report.problems().items())[:10]))
     return LoRA(layers, metadata, detect_format(report.consumed), source, report)
+
+
+_PEFT_INJECTED = re.compile(r"\.(base_layer\.|lora_[AB]\.default\.|lora_(embedding_)?[AB]\.default$)")
+
+
+def is_base_weight_file(keys: Iterable[str]) -> bool:
+    """Whether the keys are a model's state dict with PEFT LoRA layers injected (``x.base_layer.weight`` next to
+    ``x.lora_A.default.weight``, as Cosmos Predict2 post-training checkpoints save them)."""
+    return any(_PEFT_INJECTED.search(k) for k in keys if isinstance(k, str))
+
+
+def _move_base_weights(tensors: Mapping[str, torch.Tensor], report: LoadReport, groups: Mapping[str, dict]) -> None:
+    """In a model checkpoint with LoRA layers inside, the model's own weights are ``base_weights``, not unknown
+    keys; a key that mentions ``lora`` but parsed as nothing stays unknown (a broken LoRA key)."""
+    if not groups or not report.unknown or not is_base_weight_file(tensors):
+        return
+    base = [k for k in report.unknown if k in tensors and not any(p.lower().startswith(("lora", "alpha"))
+                                                                  for p in k.split("."))]
+    moved = set(base)
+    report.base_weights.extend(base)
+    report.base_parameters += sum(int(tensors[k].numel()) for k in base)
+    report.unknown[:] = [k for k in report.unknown if k not in moved]
 
 
 def _unsupported_stems(tensors: Mapping[str, torch.Tensor], report: LoadReport) -> dict[str, str]:

@@ -1,5 +1,5 @@
 """Offline LoRA tools (no live model needed): extract from two checkpoints, merge into a checkpoint,
-compose several LoRAs, resize ranks and validate against a fine-tune. The CLI wraps these functions.
+compose several LoRAs, resize ranks, validate against a fine-tune, and split a checkpoint with a LoRA inside. The CLI wraps these functions.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from .compose import ComposeInput, ComposeLayerStat, ComposeSummary, compose
 from .extract import ExtractLayerStat, ExtractSummary, extract
 from .merge import MergeLoraReport, MergeSummary, merge
 from .resize import ResizeLayerStat, ResizeSummary, resize
+from .split import SplitSummary, split
 from .validate import SpuriousRow, ValidateRow, ValidateSummary, validate
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "Record",
     "ResizeLayerStat",
     "ResizeSummary",
+    "SplitSummary",
     "SpuriousRow",
     "ValidateRow",
     "ValidateSummary",
@@ -30,5 +32,6 @@ __all__ = [
     "extract",
     "merge",
     "resize",
+    "split",
     "validate",
 ]
