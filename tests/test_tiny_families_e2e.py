@@ -28,6 +28,8 @@ peft = pytest.importorskip("peft")
 from diffusers.loaders.lora_base import LoraBaseMixin  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
 ATOL = 1e-4  # fp32 outputs in [0, 1]
 MIN_EFFECT = 1e-2  # the LoRA must move the output by at least this much (max abs difference)
@@ -177,3 +179,116 @@ def test_diffusers_loader_matches_peft(case: Case) -> None:
         return
     pipe.load_lora_weights(str(case.path))
     assert_close(generate(case.family, pipe), case.reference, f"{case.family} diffusers load_lora_weights vs PEFT")
+
+
+# -- native / kohya-named twins ---------------------------------------------------------------------------------
+
+def _pairs(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """PEFT module path -> (A, B)."""
+    paths = {k.rsplit(".lora_", 1)[0] for k in state}
+    return {p: (state[f"{p}.lora_A.weight"], state[f"{p}.lora_B.weight"]) for p in paths}
+
+
+def _lora(out: dict[str, torch.Tensor], name: str, down: torch.Tensor, up: torch.Tensor, alpha: float) -> None:
+    out[f"{name}.lora_down.weight"] = down.contiguous()
+    out[f"{name}.lora_up.weight"] = up.contiguous()
+    out[f"{name}.alpha"] = torch.tensor(alpha)
+
+
+def sgm_twin(state: dict[str, torch.Tensor], unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """kohya SDXL names (the original SGM UNet's): ``lora_unet_input_blocks_{1 + i*(L+1) + j}_1_...`` for
+    ``down_blocks.i.attentions.j`` (every down block but the last ends in a downsampler input block),
+    ``middle_block_1`` for ``mid_block.attentions.0``, ``output_blocks_{i*(L+1) + j}_1`` for ``up_blocks.i...``."""
+    per = unet.config.layers_per_block
+    assert isinstance(per, int)
+    out: dict[str, torch.Tensor] = {}
+    for path, (a, b) in _pairs(state).items():
+        head, i, _, j, rest = path.split(".", 4)
+        if head == "down_blocks":
+            block = f"input_blocks_{1 + int(i) * (per + 1) + int(j)}_1"
+        elif head == "up_blocks":
+            block = f"output_blocks_{int(i) * (per + 1) + int(j)}_1"
+        else:
+            assert path.startswith("mid_block.attentions.0."), path
+            block, rest = "middle_block_1", path.split(".", 3)[3]
+        _lora(out, f"lora_unet_{block}_{rest.replace('.', '_')}", a, b, ALPHA)
+    return out
+
+
+def _fused(parts: list[tuple[torch.Tensor, torch.Tensor] | int]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One LoRA for projections fused by rows: down = [A1; A2; ...], up = blockdiag(B1, B2, ...), with zero rows for
+    an ``int`` part (rows with no LoRA); alpha keeps PEFT's scale at the summed rank."""
+    pairs = [p for p in parts if not isinstance(p, int)]
+    down = torch.cat([a for a, _ in pairs])
+    rows = [p if isinstance(p, int) else p[1].shape[0] for p in parts]
+    up = torch.zeros(sum(rows), down.shape[0])
+    row = col = 0
+    for part, n in zip(parts, rows):
+        if not isinstance(part, int):
+            up[row:row + n, col:col + part[1].shape[1]] = part[1]
+            col += part[1].shape[1]
+        row += n
+    return down, up, SCALE * down.shape[0]
+
+
+def bfl_twin(state: dict[str, torch.Tensor], transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """kohya FLUX names (BFL's, flattened): ``double_blocks_N_{img,txt}_attn_qkv`` (q, k, v fused by rows),
+    ``..._{img,txt}_attn_proj``, ``single_blocks_N_linear1`` = [q; k; v; mlp] with no LoRA on the mlp rows."""
+    pairs, out = _pairs(state), {}
+    for n in range(len(transformer.transformer_blocks)):
+        at = f"transformer_blocks.{n}.attn"
+        for stream, qkv, proj in (("img", ("to_q", "to_k", "to_v"), "to_out.0"),
+                                  ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"), "to_add_out")):
+            down, up, alpha = _fused([pairs.pop(f"{at}.{m}") for m in qkv])
+            _lora(out, f"lora_unet_double_blocks_{n}_{stream}_attn_qkv", down, up, alpha)
+            _lora(out, f"lora_unet_double_blocks_{n}_{stream}_attn_proj", *pairs.pop(f"{at}.{proj}"), ALPHA)
+    for n, block in enumerate(transformer.single_transformer_blocks):
+        at = f"single_transformer_blocks.{n}.attn"
+        parts = [pairs.pop(f"{at}.{m}") for m in ("to_q", "to_k", "to_v")] + [block.proj_mlp.out_features]
+        _lora(out, f"lora_unet_single_blocks_{n}_linear1", *_fused(parts))
+    assert not pairs, sorted(pairs)
+    return out
+
+
+def wan_twin(state: dict[str, torch.Tensor], transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Wan's original names (ComfyUI / LightX2V): ``diffusion_model.blocks.N.{self,cross}_attn.{q,k,v,o}``."""
+    attn = {"attn1": "self_attn", "attn2": "cross_attn"}
+    proj = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "o"}
+    out: dict[str, torch.Tensor] = {}
+    for path, (a, b) in _pairs(state).items():
+        head, n, which, rest = path.split(".", 3)
+        assert head == "blocks", path
+        _lora(out, f"diffusion_model.blocks.{n}.{attn[which]}.{proj[rest]}", a, b, ALPHA)
+    return out
+
+
+TWINS = {"sdxl": sgm_twin, "flux": bfl_twin, "wan-t2v": wan_twin, "wan-i2v": wan_twin}
+
+
+@pytest.mark.parametrize("twin", ["original-fuse", "original-hook", "lorakit-kohya"])
+def test_native_twin_matches_diffusers_names(case: Case, twin: str, tmp_path: Path) -> None:
+    if case.family not in TWINS:
+        pytest.skip(f"{case.family}: no native-named twin (the brief covers SDXL, FLUX and Wan)")
+    pipe, module = case.fresh, denoiser(case.family, case.fresh)
+    path = tmp_path / "twin.safetensors"
+    if twin == "lorakit-kohya":
+        lorakit.save(lorakit.load(case.path), path, format="kohya")
+    else:
+        tensors = TWINS[case.family](case.peft_state, module)
+        save_file(tensors, str(path))
+    with safe_open(str(path), "pt") as f:
+        names = list(f.keys())
+    diffusers_names = {k.rsplit(".lora_", 1)[0] for k in case.peft_state}
+    assert not any(n.startswith(("transformer.", "unet.")) or n.rsplit(".lora_", 1)[0] in diffusers_names for n in names)
+    mode = "hook" if twin.endswith("hook") else "fuse"
+    with lorakit.apply(pipe, case.path, mode=mode, strict=True):
+        named = generate(case.family, pipe)
+    with lorakit.apply(pipe, path, mode=mode, strict=True) as patch:
+        got = generate(case.family, pipe)
+        touched = patch.report.touched_tensors
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in case.original.items())
+    # every PEFT-wrapped module is touched (the FLUX linear1 twin also reaches proj_mlp, with zero rows)
+    assert touched >= case.wrapped
+    assert_close(got, named, f"{case.family} {twin} twin vs diffusers-named (lorakit {mode})")
+    assert_close(got, case.reference, f"{case.family} {twin} twin vs PEFT")
+    assert float(np.abs(got - case.base).max()) > MIN_EFFECT
