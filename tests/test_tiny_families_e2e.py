@@ -6,9 +6,10 @@ Where diffusers has a LoRA loader for the pipeline, ``pipe.load_lora_weights`` o
 Cosmos2 has none (lorakit is the way to put a LoRA on it). For SDXL, FLUX and Wan, a twin of the file in the
 family's original names (kohya SGM / BFL fused-qkv / Wan native), built here by hand, gives the same output.
 
-Tolerance: everything runs in fp32; outputs are images in [0, 1] and agree within ``ATOL`` (fused weights and
-unfused adapters round differently; measured differences are ~1e-6). Non-vacuity: the LoRA moves the output by
-far more than ``ATOL`` (``MIN_EFFECT``).
+Tolerance: everything runs in fp32; outputs are images in [0, 1] and agree within ``ATOL`` = 2e-5. Measured
+against PEFT (max |diff|): hook mode 0 on every family; fuse mode 0 to 2.4e-6 (fused weights round differently
+from an unfused adapter); diffusers' loader 0. Non-vacuity: the LoRA moves each output by 0.13 to 0.46 (max
+|diff| from the base generation), asserted > ``MIN_EFFECT``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from peft.utils import get_peft_model_state_dict  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-ATOL = 1e-4  # fp32 outputs in [0, 1]
+ATOL = 2e-5  # fp32 outputs in [0, 1]; measured <= 2.4e-6
 MIN_EFFECT = 1e-2  # the LoRA must move the output by at least this much (max abs difference)
 RANK, ALPHA = 4, 8
 SCALE = ALPHA / RANK
@@ -325,7 +326,7 @@ def test_native_twin_matches_diffusers_names(case: Case, twin: str, tmp_path: Pa
 _WAN_KOHYA = pytest.mark.xfail(strict=True, reason=(
     "lorakit.save(format='kohya') writes Wan as lora_transformer_blocks_N_attn1_to_q (flattened diffusers paths); "
     "diffusers' Wan loader converts only native (diffusion_model.blocks.N.self_attn.q) and musubi "
-    "(lora_unet_blocks_N_self_attn_q) names and silently loads nothing from these"))
+    "(lora_unet_blocks_N_self_attn_q) names and loads nothing from these, with only a log message"))
 
 
 @pytest.mark.parametrize(("case", "twin"), [
