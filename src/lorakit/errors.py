@@ -14,6 +14,7 @@ keeps working::
     ├── SourceNotFoundError (FileNotFoundError)   a path / hub reference that does not resolve
     ├── OverwriteError (FileExistsError)    an output path equal to an input
     ├── MatchError (ValueError)             a LoRA matched nothing (or, strict, not everything)
+    ├── DatasetError (ValueError)           a training data set with no usable sample (or unreadable)
     ├── ShapeMismatchError (ValueError)     a delta does not fit its target tensor
     ├── UnknownFamilyError (KeyError)       a model family / variant name lorakit does not know
     ├── PatchOrderError (RuntimeError)      a patch removed while a later one on the model is active
@@ -27,6 +28,7 @@ from __future__ import annotations
 __all__ = [
     "ApiError",
     "ConcurrentPatchError",
+    "DatasetError",
     "FormatError",
     "IncompleteAdapterError",
     "InternalError",
@@ -126,3 +128,7 @@ class ApiError(LorakitError):
 
 class MetaDeviceError(LorakitError, ValueError):
     """A model on the ``meta`` device (shapes, no weights) given where real weights are needed, e.g. to ``apply``."""
+
+
+class DatasetError(LorakitError, ValueError):
+    """A training data set that cannot be used: no readable image with a caption, or a malformed listing."""
