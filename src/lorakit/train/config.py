@@ -51,6 +51,7 @@ class TrainConfig:
     warmup: int = 0
     optimizer: str = "adamw"
     weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     resolution: int = 512
@@ -118,6 +119,9 @@ class TrainResult:
     output: Path | None
     mismatches: list[str] = dataclasses.field(default_factory=list)
     report: Path | None = None
+    lora: Any = None  # the trained LoRA (lorakit.LoRA), in memory
+    #: with init: max|Δ|/max|ref| between the step-0 model and lorakit.apply of the file (one fixed sample)
+    start_difference: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -129,4 +133,5 @@ class TrainResult:
             "output": None if self.output is None else str(self.output),
             "mismatches": self.mismatches,
             "report": None if self.report is None else str(self.report),
+            "start_difference": self.start_difference,
         }

@@ -1,0 +1,210 @@
+"""lorakit.train on the tiny SD1 pipeline (32 px, synthetic coloured shapes): the loss falls, an ``--init`` file
+continues exactly (step 0 == lorakit.apply of the file, unselected layers byte-identical), resume equals an
+uninterrupted run tensor for tensor, and bad inputs fail before anything is written."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+
+import lorakit
+from lorakit.errors import DatasetError, MatchError, RankMismatchError, UnsupportedAdapterError
+from lorakit.model import Layer, LoRA
+from lorakit.train import TrainConfig, train
+
+COLORS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60), "yellow": (230, 210, 40)}
+
+
+def make_shapes(folder: Path, n: int = 8, size: int = 40) -> Path:
+    """``n`` images of coloured circles and squares on white, each with a same-stem caption."""
+    folder.mkdir(parents=True, exist_ok=True)
+    i = 0
+    for name, color in COLORS.items():
+        for shape in ("circle", "square"):
+            if i == n:
+                return folder
+            img = Image.new("RGB", (size, size + 8), (245, 245, 245))  # not square: the crop runs
+            draw = ImageDraw.Draw(img)
+            (draw.ellipse if shape == "circle" else draw.rectangle)((6, 10, size - 6, size - 2), fill=color)
+            img.save(folder / f"{i:02d}.png")
+            (folder / f"{i:02d}.txt").write_text(f"a {name} {shape}")
+            i += 1
+    return folder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # the tiny models are faster on one thread, and CI machines are shared
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return lorakit.tiny_pipeline()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_shapes(tmp_path_factory.mktemp("shapes"))
+
+
+INIT_MODULES = [
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_v",
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v",
+    "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_q",
+    "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_out.0",
+    "up_blocks.1.attentions.0.proj_in",  # 1x1 conv
+    "down_blocks.0.resnets.0.conv1",  # 3x3 conv (LoCon)
+]
+
+
+def make_init(pipe, path: Path, rank: int = 4, alpha: float = 8.0) -> Path:
+    """A kohya fp16 file on the tiny UNet: attn1/attn2 projections, a 1x1 and a 3x3 conv, alpha != rank."""
+    g = torch.Generator().manual_seed(3)
+    modules = dict(pipe.unet.named_modules())
+    layers = {}
+    for path_ in INIT_MODULES:
+        w = modules[path_].weight
+        down = torch.randn(rank, *w.shape[1:], generator=g) * 0.3
+        up = torch.randn(w.shape[0], rank, *([1, 1] if w.dim() == 4 else []), generator=g) * 0.3
+        if w.dim() == 2:
+            down = down.reshape(rank, -1)
+        weight = lorakit.adapters.LoRAWeights(down=down, up=up, alpha=alpha)
+        name = "unet." + path_
+        layers[name] = Layer(name=name, component="denoiser", path=path_, weight=weight)
+    return lorakit.save(LoRA(layers=layers, format="lorakit"), path, "kohya", dtype="fp16")
+
+
+def _unet_out(pipe, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, 16, 16, generator=g)
+    e = torch.randn(1, 77, 32, generator=g)
+    with torch.no_grad():
+        return pipe.unet(x, torch.tensor([500]), encoder_hidden_states=e).sample
+
+
+def test_training_lowers_validation_loss_and_writes_a_working_lora(pipe, data, tmp_path):
+    base = _unet_out(pipe)
+    grads = {p: p.requires_grad for p in pipe.unet.parameters()}
+    out = tmp_path / "new.safetensors"
+    config = TrainConfig(steps=40, lr=2e-3, resolution=32, batch_size=2, rank=4, validation_split=0.25,
+                         output=out, cache_latents=True, lr_scheduler="cosine", warmup=4, seed=1)
+    result = train(pipe, data, config)
+    assert result.steps == 40 and len(result.loss) == 40 and all(math.isfinite(x) for x in result.loss)
+    (s0, first), (s1, last) = result.validation_loss[0], result.validation_loss[-1]
+    assert (s0, s1) == (0, 40)
+    assert last < first * 0.97, result.validation_loss
+    assert result.parameters["trainable"] > 0 and result.parameters["frozen_lora"] == 0
+    # the pipeline is left as it was: no hooks, same weights, same grad flags
+    assert torch.equal(_unet_out(pipe), base)
+    assert {p: p.requires_grad for p in pipe.unet.parameters()} == grads
+    lora = lorakit.load(out)
+    assert lora.format == "kohya" and len(lora) == len(result.lora) > 0
+    assert set(lora.ranks().values()) == {4}
+    with lorakit.apply(pipe, out):
+        changed = _unet_out(pipe)
+    assert not torch.allclose(changed, base, atol=1e-6)  # the LoRA does something
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def test_init_with_train_modules_keeps_other_layers_byte_identical(pipe, data, tmp_path):
+    init = make_init(pipe, tmp_path / "init.safetensors")
+    out = tmp_path / "cont.safetensors"
+    result = train(pipe, data, TrainConfig(init=init, train_modules=("attn2",), steps=4, lr=1e-2, resolution=32,
+                                           output=out, seed=0))
+    assert result.start_difference is not None and result.start_difference < 1e-5
+    before, after = load_file(init), load_file(out)
+    assert list(before) == list(after)  # same keys, same order
+    selected = [k for k in before if "attn2" in k and "alpha" not in k]
+    assert len(selected) == 8
+    for key in before:
+        same = before[key].dtype == after[key].dtype and torch.equal(_bytes(before[key]), _bytes(after[key]))
+        if key in selected:
+            assert before[key].dtype == after[key].dtype and not same, key  # trained, dtype kept
+        else:
+            assert same, key  # frozen layers and every alpha: bit for bit
+    assert result.parameters["frozen_lora"] > 0
+    # both lorakit and diffusers read the result
+    assert len(lorakit.load(out)) == len(INIT_MODULES)
+    fresh = lorakit.tiny_pipeline()
+    fresh.load_lora_weights(str(out))
+    assert not torch.allclose(_unet_out(fresh), _unet_out(lorakit.tiny_pipeline()), atol=1e-6)
+
+
+def test_resume_equals_uninterrupted_run(pipe, data, tmp_path):
+    common = dict(steps=6, lr=5e-3, resolution=32, batch_size=2, grad_accum=2, rank=2, seed=5,
+                  lr_scheduler="cosine", warmup=2, targets=("attn2",))
+    whole = train(pipe, data, TrainConfig(output=tmp_path / "whole.safetensors", **common))
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(step: int, loss: float) -> None:
+        if step == 3:
+            raise Stop
+
+    state = tmp_path / "state"
+    with pytest.raises(Stop):
+        train(pipe, data, TrainConfig(output=tmp_path / "part.safetensors", save_every=3, state_dir=state, **common),
+              callback=stop_at_3)
+    assert (state / "state.pt").is_file() and (tmp_path / "part.safetensors").is_file()
+    resumed = train(pipe, data, TrainConfig(output=tmp_path / "resumed.safetensors", resume=state, **common))
+    assert resumed.loss == whole.loss
+    a, b = load_file(tmp_path / "whole.safetensors"), load_file(tmp_path / "resumed.safetensors")
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_up" in k)  # it trained
+
+
+def test_bad_inputs_fail_before_anything_is_written(pipe, data, tmp_path):
+    out = tmp_path / "never.safetensors"
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"not a png")
+    (broken / "a.txt").write_text("a caption")
+    with pytest.warns(UserWarning, match="a.png"), pytest.raises(DatasetError, match="no usable training sample"):
+        train(pipe, broken, TrainConfig(steps=1, resolution=32, output=out))
+    with pytest.raises(MatchError, match="attn3.*close names.*attn"):
+        train(pipe, data, TrainConfig(steps=1, resolution=32, output=out, targets=("attn3",)))
+    init = make_init(pipe, tmp_path / "init.safetensors")
+    with pytest.raises(MatchError, match="--train-modules pattern 'atn2'.*attn2"):
+        train(pipe, data, TrainConfig(init=init, train_modules=("atn2",), steps=1, resolution=32, output=out))
+    with pytest.raises(RankMismatchError, match="--rank 8 .* rank 4"):
+        train(pipe, data, TrainConfig(init=init, rank=8, steps=1, resolution=32, output=out))
+    loha = tmp_path / "loha.safetensors"
+    path_ = INIT_MODULES[2]
+    w = dict(pipe.unet.named_modules())[path_].weight
+    weight = lorakit.adapters.LoHaWeights(torch.randn(w.shape[0], 2), torch.randn(2, w.shape[1]),
+                                          torch.randn(w.shape[0], 2), torch.randn(2, w.shape[1]), alpha=2.0)
+    layer = Layer(name="unet." + path_, component="denoiser", path=path_, weight=weight)
+    lorakit.save(LoRA(layers={layer.name: layer}), loha, "kohya")
+    with pytest.raises(UnsupportedAdapterError, match="cannot train loha.*freeze"):
+        train(pipe, data, TrainConfig(init=loha, steps=1, resolution=32, output=out))
+    assert not out.exists() and not any(p.name.startswith(".never") for p in tmp_path.iterdir())
+    assert torch.equal(_unet_out(pipe), _unet_out(lorakit.tiny_pipeline()))  # the pipeline is untouched
+
+
+def test_metadata_jsonl_and_a_corrupt_sample_warns_once(tmp_path):
+    from lorakit.train.data import load_samples
+
+    folder = make_shapes(tmp_path / "d", n=3)
+    (folder / "bad.png").write_bytes(b"\x89PNG broken")
+    lines = [f'{{"file_name": "{i:02d}.png", "text": "shape {i}"}}' for i in range(3)]
+    lines.append('{"file_name": "bad.png", "text": "broken"}')
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.warns(UserWarning) as record:
+        samples = load_samples(folder)
+    assert [s.caption for s in samples] == ["shape 0", "shape 1", "shape 2"]
+    assert len(record) == 1 and "bad.png" in str(record[0].message)
