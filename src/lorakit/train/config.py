@@ -63,7 +63,7 @@ class TrainConfig:
     validation_split: float = 0.0
     validation_data: Any = None
     cache_latents: bool = False
-    format: str | None = None  # None: "same" with init, else "kohya"
+    format: str | None = None  # None: "same" with init, else kohya (UNet) / peft (transformer denoisers)
     device: str | None = None
     strict: bool = False
     report: str | Path | None = None  # train_report.html path (None: beside the output)
@@ -100,11 +100,14 @@ class TrainConfig:
     def lora_rank(self) -> int:
         return 16 if self.rank is None else self.rank
 
-    @property
-    def out_format(self) -> str:
+    def out_format(self, transformer: bool = False) -> str:
+        """The format written: ``format``, else ``same`` with ``init``, else kohya for UNets and peft for
+        transformers (diffusers reads kohya FLUX files only in BFL names, which a DiT LoRA does not have)."""
         if self.format is not None:
             return self.format
-        return "same" if self.init is not None else "kohya"
+        if self.init is not None:
+            return "same"
+        return "peft" if transformer else "kohya"
 
 
 @dataclasses.dataclass

@@ -296,7 +296,7 @@ class _Run:
     def checkpoint(self) -> None:
         c = self.config
         if c.output is not None:
-            write(self.built.network, self.built.source, c.output, c.out_format, self.pipe)
+            write(self.built.network, self.built.source, c.output, c.out_format(self.denoiser.transformer), self.pipe)
         if c.state_dir is None:
             return
         state = {
@@ -413,7 +413,7 @@ def train(
         run.run(callback)
         output = None
         if config.output is not None:
-            output = write(run.built.network, run.built.source, config.output, config.out_format, pipe)
+            output = write(run.built.network, run.built.source, config.output, config.out_format(run.denoiser.transformer), pipe)
         from .output import to_lora
 
         lora = to_lora(run.built.network, run.built.source)
