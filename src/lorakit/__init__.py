@@ -40,6 +40,9 @@ _LAZY = {
     "merge": "lorakit.ops",
     "resize": "lorakit.ops",
     "save": "lorakit.saving",
+    "train": "lorakit.train",
+    "TrainConfig": "lorakit.train",
+    "TrainResult": "lorakit.train",
     "tiny_pipeline": "lorakit.pipelines",
     "validate": "lorakit.ops",
 }
@@ -58,6 +61,8 @@ __all__ = [
     "RankMismatchError",
     "ShapeMismatchError",
     "SourceNotFoundError",
+    "TrainConfig",
+    "TrainResult",
     "UnknownFormatError",
     "UnsafeFileError",
     "UnsupportedAdapterError",
@@ -71,6 +76,7 @@ __all__ = [
     "resize",
     "save",
     "tiny_pipeline",
+    "train",
     "validate",
 ]
 

@@ -27,6 +27,7 @@ from .config import TrainConfig, TrainResult
 from .data import Sample, load_samples, split, to_pixels
 from .objective import Denoiser, denoiser_for
 from .output import denoiser_prefix, write
+from .report import write_report
 
 __all__ = ["train"]
 
@@ -336,6 +337,19 @@ class _Run:
         self.val_losses = [list(v) for v in state["validation_loss"]]
         self.log(f"resumed at step {self.step} from {path}")
 
+    def samples_for_report(self) -> list[tuple[str, Any]]:
+        """With ``validate_every``: an image per validation caption (up to 4), LoRA on, fixed seed."""
+        if not self.config.validate_every:
+            return []
+        out = []
+        for i, sample in enumerate(self.val_samples[:4]):
+            g = torch.Generator(device="cpu").manual_seed(self.config.seed + i)
+            res = self.config.resolution
+            with torch.no_grad():
+                image = self.pipe(sample.caption, num_inference_steps=8, height=res, width=res, generator=g).images[0]
+            out.append((sample.caption, image))
+        return out
+
     # -- the run -----------------------------------------------------------------------------------------------------
     def run(self, callback: Callable[[int, float], None] | None) -> None:
         c = self.config
@@ -421,6 +435,9 @@ def train(
         result = TrainResult(run.step, run.losses, run.val_losses, run.parameters(), seconds, output,
                              run.built.mismatches, lora=lora,
                              start_difference=run.start_difference)
+        if config.report is not None:
+            options = {k: v for k, v in vars(config).items() if k not in ("validation_data", "progress")}
+            result.report = write_report(config.report, result.to_dict(), options, run.samples_for_report())
     finally:
         run.close()
     return result
