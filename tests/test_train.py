@@ -160,3 +160,29 @@ def test_metadata_jsonl_and_a_corrupt_sample_warns_once(tmp_path):
         samples = load_samples(folder)
     assert [s.caption for s in samples] == ["shape 0", "shape 1", "shape 2"]
     assert len(record) == 1 and "bad.png" in str(record[0].message)
+
+
+def test_mismatch_report_and_strict(pipe, data, tmp_path):
+    init = make_init(pipe, tmp_path / "init.safetensors")
+    tensors = load_file(init)
+    # a layer for a module the tiny UNet does not have, and one whose shape does not fit
+    tensors["lora_unet_up_blocks_7_attentions_0_proj_in.lora_down.weight"] = torch.zeros(4, 64, 1, 1)
+    tensors["lora_unet_up_blocks_7_attentions_0_proj_in.lora_up.weight"] = torch.zeros(64, 4, 1, 1)
+    k = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    tensors[f"{k}.lora_down.weight"] = torch.zeros(4, 48, dtype=torch.float16)
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad))
+    lines: list[str] = []
+    with pytest.warns(UserWarning, match="2 layers do not fit"):
+        result = train(pipe, data, TrainConfig(init=bad, steps=1, resolution=32, output=tmp_path / "o.safetensors"),
+                       log=lines.append)
+    assert any("up_blocks_7" in m and "unmatched" in m for m in result.mismatches)
+    assert any("attn1_to_q" in m and "shape mismatch" in m for m in result.mismatches)
+    assert sum(line.startswith("mismatch:") for line in lines) == 2
+    out = load_file(tmp_path / "o.safetensors")
+    assert torch.equal(out[f"{k}.lora_down.weight"], tensors[f"{k}.lora_down.weight"])  # kept as it was, not dropped
+    with pytest.raises(lorakit.errors.ShapeMismatchError, match="strict"):
+        train(pipe, data, TrainConfig(init=bad, steps=1, resolution=32, strict=True, output=tmp_path / "s.safetensors"))
+    assert not (tmp_path / "s.safetensors").exists()

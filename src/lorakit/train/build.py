@@ -31,6 +31,7 @@ class Built:
     mismatches: list[str] = dataclasses.field(default_factory=list)
     frozen_params: int = 0
     source: LoRA | None = None  # the --init file
+    fitting: LoRA | None = None  # its layers that fit the model (trained and frozen): what step 0 must equal
 
 
 def _target_patterns(config: TrainConfig) -> tuple[str, ...]:
@@ -192,4 +193,5 @@ def from_file(lora: LoRA, components: Mapping[str, nn.Module], config: TrainConf
         entries.append(Entry(layer.name, target, LoRAModule(module, w.down, w.up, w.alpha), True))
         modules[layer.name] = module
     frozen_lora = dataclasses.replace(lora, layers={ly.name: ly for ly in frozen}) if frozen else None
-    return Built(Network(entries, modules), frozen_lora, report, sum(ly.parameters() for ly in frozen), lora)
+    fitting = dataclasses.replace(lora, layers={ly.name: ly for ly in [*frozen, *(t[0] for t in train)]})
+    return Built(Network(entries, modules), frozen_lora, report, sum(ly.parameters() for ly in frozen), lora, fitting)

@@ -164,7 +164,7 @@ class _Run:
             self._patch.remove()
             self._patch = None
         try:
-            with apply(self.components, self.built.source, mode="fuse", strict=False):
+            with apply(self.components, self.built.fitting, mode="fuse", strict=False):
                 ref = self.denoiser.predict(noisy, t, cond)
         finally:
             if self.built.frozen is not None:
