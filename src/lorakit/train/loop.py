@@ -25,6 +25,7 @@ from ..runtime import apply
 from .build import Built, from_file, new_network
 from .config import TrainConfig, TrainResult
 from .data import Sample, load_samples, split, to_pixels
+from .dist import world
 from .objective import Denoiser, denoiser_for
 from .output import denoiser_prefix, write
 from .report import write_report
@@ -97,9 +98,10 @@ class _Run:
             self.val_samples = load_samples(config.validation_data)
         if not self.val_samples and config.validate_every:
             self.val_samples = self.train_samples[:4]
-        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.world = world()
+        self.device = self.world.device(config.device)
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.data = _Data(len(self.train_samples), config.batch_size)
+        self.data = _Data(len(self.train_samples), config.batch_size * self.world.size)
         self.step = 0
         self.losses: list[float] = []
         self.val_losses: list[list[float]] = []
@@ -250,25 +252,37 @@ class _Run:
 
     # -- steps ---------------------------------------------------------------------------------------------------
     def one_step(self) -> float:
-        """One optimizer update over ``grad_accum`` micro-batches; returns their mean loss."""
+        """One optimizer update over ``grad_accum`` global batches; returns their mean loss (all processes)."""
         total = 0.0
         k = self.config.grad_accum
         for _ in range(k):
-            batch = [self.train_samples[i] for i in self.data.next(self.generator)]
-            mean, std, cond = self._encode(batch)
-            eps = torch.randn(mean.shape, generator=self.generator)
-            x0 = mean + std * eps.to(mean.device)
-            noise = torch.randn(mean.shape, generator=self.generator)
-            t = self.denoiser.draw_time(len(batch), self.generator)
-            loss = self._loss(x0, noise, t, cond)
+            batch = self.data.next(self.generator)
+            n = len(batch)
+            mine = self.world.mine(n, self.config.batch_size)
+            # draw for the whole global batch from the shared generator, keep this process's rows
+            shape = (n, *self._latent_shape())
+            eps, noise = torch.randn(shape, generator=self.generator), torch.randn(shape, generator=self.generator)
+            t = self.denoiser.draw_time(n, self.generator)
+            local = [self.train_samples[i] for i in batch[mine]]
+            if not local:
+                continue
+            mean, std, cond = self._encode(local)
+            x0 = mean + std * eps[mine].to(mean.device)
+            loss = self._loss(x0, noise[mine], t[mine], cond) * (len(local) / n)
             (loss / k).backward()
             total += float(loss.detach())
         params = self.built.network.trainable_parameters()
+        self.world.average_gradients(params)
         torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total / k
+        return self.world.total(total) / k
+
+    def _latent_shape(self) -> tuple[int, ...]:
+        if not hasattr(self, "_shape"):
+            self._shape = tuple(self._latents(self.train_samples[0])[0].shape[1:])
+        return self._shape
 
     def _fixed_validation(self) -> None:
         """Noise and timesteps for the held-out samples, drawn once from their own seed: curves compare across runs."""
@@ -296,6 +310,8 @@ class _Run:
     # -- checkpoints -------------------------------------------------------------------------------------------------
     def checkpoint(self) -> None:
         c = self.config
+        if not self.world.main:
+            return
         if c.output is not None:
             write(self.built.network, self.built.source, c.output, c.out_format(self.denoiser.transformer), self.pipe)
         if c.state_dir is None:
@@ -426,7 +442,7 @@ def train(
         run.setup()
         run.run(callback)
         output = None
-        if config.output is not None:
+        if config.output is not None and run.world.main:
             output = write(run.built.network, run.built.source, config.output, config.out_format(run.denoiser.transformer), pipe)
         from .output import to_lora
 
@@ -435,7 +451,7 @@ def train(
         result = TrainResult(run.step, run.losses, run.val_losses, run.parameters(), seconds, output,
                              run.built.mismatches, lora=lora,
                              start_difference=run.start_difference)
-        if config.report is not None:
+        if config.report is not None and run.world.main:
             options = {k: v for k, v in vars(config).items() if k not in ("validation_data", "progress")}
             result.report = write_report(config.report, result.to_dict(), options, run.samples_for_report())
     finally:
