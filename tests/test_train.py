@@ -45,8 +45,26 @@ def _unet_out(pipe, seed: int = 0) -> torch.Tensor:
         return pipe.unet(x, torch.tensor([500]), encoder_hidden_states=e).sample
 
 
+def _distance_to_data(pipe, data: Path, n: int = 4) -> list[float]:
+    """Mean squared distance between the latents generated for each training caption and that image's latents."""
+    from lorakit.train.data import load_samples, to_pixels
+
+    samples = load_samples(data)[:n]
+    with torch.no_grad():
+        pixels = torch.stack([to_pixels(s.open(), 32) for s in samples])
+        target = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+        out = []
+        for i, s in enumerate(samples):
+            g = torch.Generator().manual_seed(i)
+            lat = pipe(s.caption, num_inference_steps=8, height=32, width=32, generator=g, output_type="latent",
+                       guidance_scale=1.0).images
+            out.append(float((lat - target[i : i + 1]).pow(2).mean()))
+    return out
+
+
 def test_training_lowers_validation_loss_and_writes_a_working_lora(pipe, data, tmp_path):
     base = _unet_out(pipe)
+    base_distance = _distance_to_data(pipe, data)
     grads = {p: p.requires_grad for p in pipe.unet.parameters()}
     out = tmp_path / "new.safetensors"
     config = TrainConfig(steps=40, lr=2e-3, resolution=32, batch_size=2, rank=4, validation_split=0.25,
@@ -65,7 +83,10 @@ def test_training_lowers_validation_loss_and_writes_a_working_lora(pipe, data, t
     assert set(lora.ranks().values()) == {4}
     with lorakit.apply(pipe, out):
         changed = _unet_out(pipe)
+        distance = _distance_to_data(pipe, data)
     assert not torch.allclose(changed, base, atol=1e-6)  # the LoRA does something
+    # generations move toward the training images (in latent space: the tiny VAE is random)
+    assert sum(distance) < 0.98 * sum(base_distance) and sum(d < b for d, b in zip(distance, base_distance)) >= 3
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
@@ -186,3 +207,26 @@ def test_mismatch_report_and_strict(pipe, data, tmp_path):
     with pytest.raises(lorakit.errors.ShapeMismatchError, match="strict"):
         train(pipe, data, TrainConfig(init=bad, steps=1, resolution=32, strict=True, output=tmp_path / "s.safetensors"))
     assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_a_run_killed_mid_save_leaves_the_previous_checkpoint(pipe, data, tmp_path, monkeypatch):
+    state = tmp_path / "state"
+    saved: dict[str, bytes] = {}
+    real_save = torch.save
+
+    def dying_save(obj, fh, *args, **kwargs):
+        fh.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # killed while writing
+
+    def on_step(step: int, loss: float) -> None:
+        if step == 2:
+            saved["state"] = (state / "state.pt").read_bytes()
+            monkeypatch.setattr(torch, "save", dying_save)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(pipe, data, TrainConfig(steps=6, save_every=2, state_dir=state, resolution=32, rank=2, targets=("attn2",),
+                                      output=tmp_path / "o.safetensors"), callback=on_step)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert (state / "state.pt").read_bytes() == saved["state"]
+    assert sorted(p.name for p in state.iterdir()) == ["state.pt"]  # no temp file left behind
+    assert torch.load(state / "state.pt", weights_only=True)["step"] == 2
