@@ -230,3 +230,22 @@ def test_a_run_killed_mid_save_leaves_the_previous_checkpoint(pipe, data, tmp_pa
     assert (state / "state.pt").read_bytes() == saved["state"]
     assert sorted(p.name for p in state.iterdir()) == ["state.pt"]  # no temp file left behind
     assert torch.load(state / "state.pt", weights_only=True)["step"] == 2
+
+
+def test_webdataset_shards(tmp_path):
+    import tarfile
+
+    from lorakit.train.data import load_samples
+
+    folder = make_shapes(tmp_path / "d", n=3)
+    shard = tmp_path / "shards" / "000.tar"
+    shard.parent.mkdir()
+    with tarfile.open(shard, "w") as tar:
+        for i in range(3):
+            tar.add(folder / f"{i:02d}.png", arcname=f"s{i}.png")
+            tar.add(folder / f"{i:02d}.txt", arcname=f"s{i}.txt")
+        tar.add(folder / "00.txt", arcname="lonely.txt")  # a caption without an image: one warning
+    with pytest.warns(UserWarning, match="lonely"):
+        samples = load_samples(shard.parent)
+    assert [s.caption for s in samples] == ["a red circle", "a red square", "a blue circle"]
+    assert samples[0].open().size == (40, 48)

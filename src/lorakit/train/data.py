@@ -1,5 +1,5 @@
-"""Training data: a folder of images with same-stem ``.txt`` captions, or a diffusers ``metadata.jsonl``
-(``file_name`` + ``text``). Unreadable samples are skipped with one warning naming the file; a data set with no
+"""Training data: a folder of images with same-stem ``.txt`` captions, a diffusers ``metadata.jsonl``
+(``file_name`` + ``text``), or WebDataset ``.tar`` shards (``KEY.jpg|png|webp`` + ``KEY.txt`` per sample). Unreadable samples are skipped with one warning naming the file; a data set with no
 usable sample raises :class:`DatasetError` before any training step."""
 
 from __future__ import annotations
@@ -96,6 +96,52 @@ def _jsonl_pairs(listing: Path) -> tuple[list[tuple[Path, str]], list[str]]:
     return pairs, problems
 
 
+def _tar_samples(shards: list[Path]) -> tuple[list[Sample], list[str]]:
+    """WebDataset shards: members grouped by key (the path up to the first dot of the file name); each sample is
+    decoded here and kept in memory."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    samples: list[Sample] = []
+    problems: list[str] = []
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+            for member in tar.getmembers():
+                if member.isfile():
+                    head, _, name = member.name.rpartition("/")
+                    key, _, ext = name.partition(".")
+                    groups.setdefault(f"{head}/{key}" if head else key, {})[ext.lower()] = member
+            for key, parts in groups.items():
+                image = next((parts[e] for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
+                where = f"{shard}#{key}"
+                if image is None or "txt" not in parts:
+                    problems.append(f"{where}: needs an image (.jpg/.png/.webp) and a .txt caption, skipped")
+                    continue
+                try:
+                    with Image.open(io.BytesIO(tar.extractfile(image).read())) as img:
+                        img.load()
+                        picture = img.copy()
+                except Exception as exc:  # PIL raises many types for broken files
+                    problems.append(f"{where}: unreadable image, skipped ({type(exc).__name__}: {exc})")
+                    continue
+                caption = tar.extractfile(parts["txt"]).read().decode("utf-8").strip()
+                samples.append(Sample(where, caption, image=picture))
+    return samples, problems
+
+
+def _shards(data: Path) -> list[Path]:
+    if data.is_file() and data.suffix == ".tar":
+        return [data]
+    if data.is_dir() and not (data / "metadata.jsonl").is_file():
+        tars = sorted(data.glob("*.tar"))
+        if tars and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in data.iterdir()):
+            return tars
+    return []
+
+
 def _listing(data: Path) -> tuple[list[tuple[Path, str]], list[str]]:
     if data.is_file() and data.suffix == ".jsonl":
         return _jsonl_pairs(data)
@@ -104,14 +150,18 @@ def _listing(data: Path) -> tuple[list[tuple[Path, str]], list[str]]:
             return _jsonl_pairs(data / "metadata.jsonl")
         return _folder_pairs(data)
     if not data.exists():
-        raise DatasetError(f"{data}: no such data set; pass a folder of images with .txt captions or a metadata.jsonl")
+        raise DatasetError(f"{data}: no such data set; pass a folder of images with .txt captions, a metadata.jsonl or .tar shards")
     raise DatasetError(f"{data}: not a data set; pass a folder of images with .txt captions or a metadata.jsonl")
 
 
 def load_samples(data: str | os.PathLike[str] | Iterable[Any]) -> list[Sample]:
-    """The usable samples of ``data``: a folder, a ``metadata.jsonl``, or ``(PIL image, caption)`` pairs.
+    """The usable samples of ``data``: a folder, a ``metadata.jsonl``, ``.tar`` shards (a file or a folder of
+    them), or ``(PIL image, caption)`` pairs.
     Each unreadable image is skipped with a warning naming it; none usable raises :class:`DatasetError`."""
-    if isinstance(data, (str, os.PathLike)):
+    if isinstance(data, (str, os.PathLike)) and _shards(Path(data)):
+        where = Path(data)
+        samples, problems = _tar_samples(_shards(where))
+    elif isinstance(data, (str, os.PathLike)):
         where = Path(data)
         pairs, problems = _listing(where)
         samples: list[Sample] = []
