@@ -77,3 +77,19 @@ def test_tiny_sd3_trains(data, tmp_path):
     assert len(result.loss) == 2 and all(math.isfinite(x) for x in result.loss)
     lora = lorakit.load(tmp_path / "o.safetensors")
     assert lora.format == "peft" and len(lora) == len(result.lora) > 0
+
+
+def test_tiny_sdxl_and_v_prediction_train(data, tmp_path):
+    from diffusers import DDIMScheduler
+
+    result = train(lorakit.tiny_pipeline("sdxl"), data, TrainConfig(steps=2, resolution=32, rank=2, targets=("attn2",)))
+    assert len(result.loss) == 2 and all(math.isfinite(x) for x in result.loss) and len(result.lora) > 0
+    pipe = lorakit.tiny_pipeline()
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
+    d = denoiser_for(pipe, torch.device("cpu"))
+    x0, noise, t = torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 4), torch.tensor([300])
+    _, target = d.noisy_and_target(x0, noise, t)
+    a = d.noise_scheduler.alphas_cumprod[300]
+    assert torch.allclose(target, a.sqrt() * noise - (1 - a).sqrt() * x0, atol=1e-6)
+    result = train(pipe, data, TrainConfig(steps=2, resolution=32, rank=2, targets=("attn2",)))
+    assert all(math.isfinite(x) for x in result.loss)

@@ -117,7 +117,7 @@ class _Run:
         c = self.config
         if c.steps is not None:
             return c.steps
-        per_epoch = math.ceil(len(self.train_samples) / c.batch_size)
+        per_epoch = math.ceil(len(self.train_samples) / (c.batch_size * self.world.size))
         return max(1, math.ceil(c.epochs * per_epoch / c.grad_accum))
 
     def setup(self) -> None:
