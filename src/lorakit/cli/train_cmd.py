@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -75,12 +76,17 @@ def train_cmd(**opts: object) -> None:
     opts["format"] = opts.pop("fmt")
     if not no_report and report is None:
         report = output.with_name(output.stem + ".train_report.html")
-    config = TrainConfig(output=output, report=None if no_report else report, progress=not as_json, **opts)
+    main_process = os.environ.get("RANK", "0") == "0"  # under a launcher, only rank 0 talks
+    config = TrainConfig(output=output, report=None if no_report else report,
+                         progress=main_process and not as_json, **opts)
 
     def log(line: str) -> None:
-        click.echo(line, err=True)
+        if main_process:
+            click.echo(line, err=True)
 
     result = train(model, data, config, log=log)
+    if not main_process:
+        return
     if as_json:
         click.echo(json.dumps(result.to_dict(), sort_keys=True))
         return
