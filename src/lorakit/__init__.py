@@ -41,6 +41,9 @@ _LAZY = {
     "resize": "lorakit.ops",
     "save": "lorakit.saving",
     "split": "lorakit.ops",
+    "train": "lorakit.train",
+    "TrainConfig": "lorakit.train",
+    "TrainResult": "lorakit.train",
     "tiny_pipeline": "lorakit.pipelines",
     "validate": "lorakit.ops",
 }
@@ -59,6 +62,8 @@ __all__ = [
     "RankMismatchError",
     "ShapeMismatchError",
     "SourceNotFoundError",
+    "TrainConfig",
+    "TrainResult",
     "UnknownFormatError",
     "UnsafeFileError",
     "UnsupportedAdapterError",
@@ -73,6 +78,7 @@ __all__ = [
     "save",
     "split",
     "tiny_pipeline",
+    "train",
     "validate",
 ]
 

@@ -19,6 +19,7 @@ keeps working::
     ├── TaskInputError (ValueError)         inputs that do not fit the generation task (image to text-to-video)
     │   └── MissingInputError               a required input is missing (image-to-video without an image)
     ├── DeviceError (ValueError)            a device / dtype / offload choice this machine cannot run
+    ├── DatasetError (ValueError)           a training data set with no usable sample (or unreadable)
     ├── ShapeMismatchError (ValueError)     a delta does not fit its target tensor
     ├── UnknownFamilyError (KeyError)       a model family / variant name lorakit does not know
     ├── PatchOrderError (RuntimeError)      a patch removed while a later one on the model is active
@@ -32,6 +33,7 @@ from __future__ import annotations
 __all__ = [
     "ApiError",
     "ConcurrentPatchError",
+    "DatasetError",
     "DeviceError",
     "FormatError",
     "IncompleteAdapterError",
@@ -164,3 +166,5 @@ class MissingInputError(TaskInputError):
 
 class DeviceError(LorakitError, ValueError):
     """A ``device`` / ``dtype`` / ``offload`` choice this machine cannot run (CUDA asked for on a CPU-only host)."""
+class DatasetError(LorakitError, ValueError):
+    """A training data set that cannot be used: no readable image with a caption, or a malformed listing."""

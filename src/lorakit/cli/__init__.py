@@ -25,6 +25,7 @@ COMMANDS = {
     "validate": "lorakit.cli.tools_cmd:validate_cmd",
     "split": "lorakit.cli.tools_cmd:split_cmd",
     "serve": "lorakit.cli.serve_cmd:serve_cmd",
+    "train": "lorakit.cli.train_cmd:train_cmd",
 }
 
 

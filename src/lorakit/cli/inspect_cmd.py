@@ -17,13 +17,21 @@ __all__ = ["convert_cmd", "inspect_cmd"]
 @click.argument("file")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for scripts).")
 @click.option("--model", default=None, help="A diffusers folder, 'tiny' or a family name: adds coverage.")
-def inspect_cmd(file: str, as_json: bool, model: str | None) -> None:
+@click.option("--layer-names", is_flag=True, help="List the layer names, one a line (what lorakit train --train-modules picks).")
+def inspect_cmd(file: str, as_json: bool, model: str | None, layer_names: bool = False) -> None:
     """Show a LoRA file's format, adapter types, ranks, alphas and every key that did not load.
 
     \b
         lorakit inspect style.safetensors
         lorakit inspect style.safetensors --json | jq .ranks
+        lorakit inspect style.safetensors --layer-names
     """
+    if layer_names:
+        from .. import load
+
+        names = list(load(file).layers)
+        click.echo(json.dumps(names) if as_json else "\n".join(names))
+        return
     from .. import inspect
 
     target = _model(model) if model else None
