@@ -60,6 +60,10 @@ class QuantKind:
         """The raw quantized tensors (int data, scales, ...), for bit-exact comparisons."""
         raise NotImplementedError
 
+    def float8(self, module: nn.Module) -> bool:
+        """Whether the storage is float8 (``rounding="stochastic"`` is available)."""
+        return False
+
     def _refuse_stochastic(self, rounding: str, scheme: str) -> None:
         if rounding != "nearest":
             raise UnsupportedAdapterError(
@@ -145,6 +149,9 @@ class TorchaoKind(QuantKind):
         w = _weight(module)
         return {"weight.qdata": w.qdata, "weight.scale": w.scale}
 
+    def float8(self, module: nn.Module) -> bool:
+        return _weight(module).qdata.dtype in FP8_DTYPES
+
 
 # -- optimum-quanto ------------------------------------------------------------------------------------------
 class QuantoKind(QuantKind):
@@ -168,14 +175,24 @@ class QuantoKind(QuantKind):
         from optimum.quanto import freeze, quantize
 
         w = _weight(module)
-        self._refuse_stochastic(rounding, self.info(module).scheme)
+        if not self.float8(module):
+            self._refuse_stochastic(rounding, self.info(module).scheme)
         # quanto's own quantizer (scale optimiser, group size) on a throwaway Linear of the same shape
         tmp = nn.Sequential(nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=w.dtype)).requires_grad_(False)
         with torch.no_grad():
             tmp[0].weight.copy_(weight.to(w.dtype))
         quantize(tmp, weights=w.qtype)
         freeze(tmp)
-        return {"weight": tmp[0].weight}
+        q = tmp[0].weight
+        if rounding != "nearest":  # float8 storage: quanto's scale, the values rounded stochastically onto its grid
+            scale = q._scale.float()
+            data = round_fp8(weight.float() / scale, q._data.dtype, rounding, generator)
+            q = type(q)(q.qtype, q.axis, q.size(), q.stride(), data, q._scale, q.activation_qtype)
+        return {"weight": q}
+
+    def float8(self, module: nn.Module) -> bool:
+        w = _weight(module)
+        return type(_plain(w._data)) is torch.Tensor and w._data.dtype in FP8_DTYPES
 
     def storage(self, module: nn.Module) -> dict[str, torch.Tensor]:
         w = _weight(module)
@@ -354,6 +371,9 @@ class Fp8ScaledKind(QuantKind):
 
     def storage(self, module: nn.Module) -> dict[str, torch.Tensor]:
         return {"weight": _weight(module), "scale": getattr(module, self._scale_name(module))}
+
+    def float8(self, module: nn.Module) -> bool:
+        return True
 
 
 #: first match wins (registration order); third parties may append their own kinds
