@@ -24,6 +24,7 @@ COMMANDS = {
     "resize": "lorakit.cli.tools_cmd:resize_cmd",
     "validate": "lorakit.cli.tools_cmd:validate_cmd",
     "serve": "lorakit.cli.serve_cmd:serve_cmd",
+    "quantize": "lorakit.cli.quantize_cmd:quantize_cmd",
 }
 
 

@@ -383,6 +383,6 @@ KINDS: list[QuantKind] = [TorchaoKind(), QuantoKind(), GGUFKind(), Bnb8bitKind()
 def kind_of(module: nn.Module) -> QuantKind | None:
     """The quantization kind of ``module``'s weight, or ``None`` for a plain floating-point layer."""
     w = _weight(module)
-    if w is None or (type(w) in (torch.Tensor, nn.Parameter) and w.dtype not in FP8_DTYPES):
+    if w is None or (type(w) in (torch.Tensor, nn.Parameter) and w.is_floating_point() and w.dtype not in FP8_DTYPES):
         return None
     return next((k for k in KINDS if k.matches(module)), None)
