@@ -413,3 +413,61 @@ def test_fuse_warns_and_names_hook_mode_when_the_lora_is_lost(name: str) -> None
         warnings.simplefilter("error")
         lorakit.apply(m, _lora(rel=0.001), mode="fuse", requant_warn=10.0).remove()
     assert _bits_equal(raw0, _raw(s, m))
+
+
+def test_gguf_k_quant_hooks_and_fuse_refuses_naming_hook_mode() -> None:
+    """The gguf package cannot quantize K-quants: hook mode works, fuse raises before changing anything."""
+    s = _scheme("gguf-Q8_0")
+    import gguf
+    from diffusers.quantizers.gguf.utils import GGUFLinear, GGUFParameter
+
+    from lorakit.errors import UnsupportedAdapterError
+
+    qt = gguf.GGMLQuantizationType.Q4_K
+    block, size = gguf.GGML_QUANT_SIZES[qt]
+    m = nn.Module()
+    m.fc = GGUFLinear(block, 32, bias=False, compute_dtype=torch.float32)
+    m.fc.weight = GGUFParameter(torch.zeros(32, size, dtype=torch.uint8), quant_type=qt)  # all-zero blocks: W = 0
+    g = torch.Generator().manual_seed(0)
+    lora = LoRA({"fc": Layer("fc", None, "fc", weight=LoRAWeights(torch.randn(RANK, block, generator=g),
+                                                                   torch.randn(32, RANK, generator=g), alpha=ALPHA))})
+    x = torch.randn(3, block, generator=g)
+    raw0 = s.raw(m.fc)["blocks"].clone()
+    with lorakit.apply(m, lora, mode="hook") as patch:
+        assert patch.report.quant["generic:fc"]["scheme"] == "GGUFParameter Q4_K"
+        torch.testing.assert_close(m.fc(x), _branch(lora, "fc", x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(UnsupportedAdapterError, match="mode='hook'"):
+        lorakit.apply(m, lora, mode="fuse")
+    assert torch.equal(s.raw(m.fc)["blocks"], raw0)
+
+
+@pytest.mark.parametrize("name", ["torchao-int8wo", "fp8-scaled-row"])
+@pytest.mark.parametrize("adapter", ["lokr", "dora"])
+def test_other_adapters_on_a_quantized_base(name: str, adapter: str) -> None:
+    """LoKr (dense delta) and DoRA (needs the dequantized base): hook == fuse up to the requantization error."""
+    from lorakit.adapters import DoRA, LoKrWeights
+
+    s = _scheme(name)
+    m, x = _model(s), _x()
+    raw0, base = _raw(s, m), m(x)
+    g = torch.Generator().manual_seed(4)
+    if adapter == "lokr":
+        layer = Layer("fc1", None, "fc1", weight=LoKrWeights(lokr_w1=0.3 * torch.randn(8, 8, generator=g),
+                                                             lokr_w2=0.05 * torch.randn(8, 8, generator=g)))
+    else:
+        layer = Layer("fc1", None, "fc1", weight=LoRAWeights(0.1 * torch.randn(RANK, IN, generator=g),
+                                                             0.1 * torch.randn(HID, RANK, generator=g)),
+                      dora=DoRA(torch.rand(HID, 1, generator=g) + 0.5, "out"))
+    lora = LoRA({"fc1": layer})
+    with lorakit.apply(m, lora, mode="hook"):
+        hooked = m(x)
+    assert _bits_equal(raw0, _raw(s, m))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with lorakit.apply(m, lora, mode="fuse") as patch:
+            fused = m(x)
+            err = patch.report.quant["generic:fc1"]["requant_error"]
+    assert _bits_equal(raw0, _raw(s, m))
+    assert _rel(hooked, base) > 0.05, "the adapter changed nothing (vacuous)"
+    # the fused output differs from the hooked one by the requantization error of the delta, nothing more
+    assert _rel(fused - base, hooked - base) < 2 * err + 1e-3
