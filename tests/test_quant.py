@@ -83,11 +83,14 @@ def _torchao_requant(mod: nn.Module, w: torch.Tensor) -> torch.Tensor:
     return wrapper[0].weight.dequantize().float()
 
 
-def _quanto(qtype: str) -> Callable[[MLP], None]:
+def _quanto(qtype: str, activations: str | None = None) -> Callable[[MLP], None]:
     def quantize(m: MLP) -> None:
         import optimum.quanto as oq
 
-        oq.quantize(m, weights=getattr(oq, qtype))
+        oq.quantize(m, weights=getattr(oq, qtype), activations=activations and getattr(oq, activations))
+        if activations:
+            with oq.Calibration():
+                m(_x(next(m.parameters()).dtype))
         oq.freeze(m)
 
     return quantize
@@ -226,6 +229,8 @@ SCHEMES = [
     Scheme("torchao-fp8wo", "torchao", _torchao("Float8WeightOnlyConfig"), _torchao_raw, _deq, _torchao_requant,
            "torchao", 0.6),
     Scheme("quanto-qint8", "optimum.quanto", _quanto("qint8"), _quanto_raw, _deq, _quanto_requant, "quanto", 0.2),
+    Scheme("quanto-qint8-a8", "optimum.quanto", _quanto("qint8", "qint8"), _quanto_raw, _deq, _quanto_requant,
+           "quanto", 0.2),
     Scheme("quanto-qfloat8", "optimum.quanto", _quanto("qfloat8"), _quanto_raw, _deq, _quanto_requant, "quanto", 0.6),
     Scheme("quanto-qint4", "optimum.quanto", _quanto("qint4"), _quanto_raw, _deq, _quanto_requant, "quanto", 1.5),
     Scheme("gguf-Q8_0", "gguf", _gguf("Q8_0"), _gguf_raw, _gguf_dequant, _gguf_requant, "gguf", 0.2),
@@ -314,7 +319,15 @@ NAMES = [s.name for s in SCHEMES]
 
 
 # -- hook mode -------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", NAMES)
+HOOK_XFAIL = {
+    # quanto quantizes a layer's input in its own forward pre-hook, so a forward hook sees the quantized input: the
+    # branch runs on Q(x), not x (PEFT's wrapper gives it x). Needs a pre-hook in lorakit.runtime.hooks to fix.
+    "quanto-qint8-a8": "branch sees quanto's quantized input (runtime hook change needed)",
+}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=HOOK_XFAIL[n], strict=True))
+                                  if n in HOOK_XFAIL else n for n in NAMES])
 def test_hook_equals_quantized_base_plus_branch(name: str) -> None:
     s = _scheme(name)
     m, lora, x = _model(s), _lora(), _x()
@@ -370,6 +383,7 @@ def test_fuse_equals_dequant_add_requant_and_remove_is_exact(name: str) -> None:
     s = _scheme(name)
     m, lora, x = _model(s), _lora(), _x()
     raw0, base = _raw(s, m), m(x)
+    kinds = {n: (type(getattr(m, n).weight), getattr(getattr(m, n).weight, "activation_qtype", None)) for n in ("fc1", "fc2")}
     strength = 0.8
     refs, errors = {}, {}
     for n in ("fc1", "fc2"):
@@ -388,6 +402,8 @@ def test_fuse_equals_dequant_add_requant_and_remove_is_exact(name: str) -> None:
         assert q["requant_error"] == pytest.approx(errors[n], rel=1e-4, abs=1e-6), n
         assert q["requant_error"] <= s.max_error, f"{n}: {q['requant_error']}"
         torch.testing.assert_close(s.dequant(getattr(m, n)), refs[n], rtol=0, atol=0)
+        w = getattr(m, n).weight
+        assert (type(w), getattr(w, "activation_qtype", None)) == kinds[n], "requantized into another tensor type"
     assert bool(lossy) == any(e > 0.5 for e in errors.values())
     assert not _bits_equal(raw0, _raw(s, m)), "fuse left the storage as it was (vacuous)"
     y = m(x)

@@ -164,7 +164,9 @@ class QuantoKind(QuantKind):
     def info(self, module: nn.Module) -> QuantInfo:
         w = _weight(module)
         group = getattr(w, "_group_size", None)
-        scheme = f"{w.qtype.name} axis={w.axis}" + (f" group={group}" if group else "")
+        act = getattr(w, "activation_qtype", None)
+        scheme = (f"{w.qtype.name} axis={w.axis}" + (f" group={group}" if group else "")
+                  + (f" activations={act.name}" if act is not None else ""))
         return QuantInfo(self.library, f"{type(w).__name__} {scheme}", tuple(w.shape), w.dtype)
 
     def dequantize(self, module: nn.Module) -> torch.Tensor:
@@ -184,10 +186,14 @@ class QuantoKind(QuantKind):
         quantize(tmp, weights=w.qtype)
         freeze(tmp)
         q = tmp[0].weight
-        if rounding != "nearest":  # float8 storage: quanto's scale, the values rounded stochastically onto its grid
-            scale = q._scale.float()
-            data = round_fp8(weight.float() / scale, q._data.dtype, rounding, generator)
-            q = type(q)(q.qtype, q.axis, q.size(), q.stride(), data, q._scale, q.activation_qtype)
+        act = getattr(w, "activation_qtype", None)
+        if rounding != "nearest" or act is not None:
+            # float8 + stochastic: quanto's scale, the values rounded stochastically onto its grid; and the layer's
+            # activation qtype (int8/fp8 activations) carried over, which the throwaway Linear did not have
+            data = q._data
+            if rounding != "nearest":
+                data = round_fp8(weight.float() / q._scale.float(), q._data.dtype, rounding, generator)
+            q = type(q)(q.qtype, q.axis, q.size(), q.stride(), data, q._scale, act)
         return {"weight": q}
 
     def float8(self, module: nn.Module) -> bool:
