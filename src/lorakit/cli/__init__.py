@@ -26,6 +26,7 @@ COMMANDS = {
     "split": "lorakit.cli.tools_cmd:split_cmd",
     "serve": "lorakit.cli.serve_cmd:serve_cmd",
     "train": "lorakit.cli.train_cmd:train_cmd",
+    "quantize": "lorakit.cli.quantize_cmd:quantize_cmd",
 }
 
 

@@ -4,11 +4,26 @@ GGUF, optimum-quanto, fp8 with a separate scale), the fuse route through dequant
 
 from __future__ import annotations
 
+from .branch import BranchPatch, apply_branch
 from .fp8 import FP8_DTYPES, Fp8ScaledLinear, round_fp8
+from .lowrank import (
+    LowRankKind,
+    LowRankQuantLinear,
+    branch_commit,
+    branch_stage,
+    load_lowrank,
+    lowrank_state_dict,
+    quantize_model,
+    quantize_state_dict,
+)
 from .patching import QuantOptions, Staged, commit, describe, is_quantized, proxy, stage, warn_lossy
 from .schemes import KINDS, QuantInfo, QuantKind, kind_of, swap_state
 
 __all__ = [
-    "FP8_DTYPES", "KINDS", "Fp8ScaledLinear", "QuantInfo", "QuantKind", "QuantOptions", "Staged", "commit",
-    "describe", "is_quantized", "kind_of", "proxy", "round_fp8", "stage", "swap_state", "warn_lossy",
+    "FP8_DTYPES", "KINDS", "BranchPatch", "Fp8ScaledLinear", "LowRankQuantLinear", "QuantInfo", "QuantKind",
+    "QuantOptions", "Staged", "apply_branch", "branch_commit", "branch_stage", "commit", "describe", "is_quantized",
+    "kind_of", "load_lowrank", "lowrank_state_dict", "proxy", "quantize_model", "quantize_state_dict", "round_fp8",
+    "stage", "swap_state", "warn_lossy",
 ]
+
+KINDS.insert(0, LowRankKind())  # before Fp8ScaledKind: its fp8 residual also has a weight_scale

@@ -72,6 +72,7 @@ class Staged:
     new_state: dict[str, Any]
     error: float
     delta_norm: float
+    rounding: str = "nearest"
 
 
 def _applied_delta(shape: Sequence[int], contribs: list[Any], strengths: Sequence[float]) -> torch.Tensor:
@@ -107,7 +108,7 @@ def _stage_one(name: str, module: nn.Module, contribs: list[Any], strengths: Seq
         swap_state(module, old)
     norm = float(delta.norm())
     error = float((fused - base - delta).norm()) / norm if norm > 0 else 0.0
-    return Staged(name, module, kind, new_state, error, norm)
+    return Staged(name, module, kind, new_state, error, norm, options.rounding)
 
 
 def stage(entries: list[tuple[str, nn.Module, list[Any]]], strengths: Sequence[float],
@@ -132,9 +133,15 @@ def warn_lossy(staged: list[Staged], threshold: float) -> None:
         return
     listing = "\n  ".join(f"{s.name} ({s.kind.info(s.module).label()}): relative error {s.error:.3f}" for s in lossy[:20])
     more = f"\n  ... and {len(lossy) - 20} more" if len(lossy) > 20 else ""
+    if any(s.rounding == "nearest" and s.kind.float8(s.module) for s in lossy):
+        also = " (or rounding='stochastic' on the float8 layers: unbiased on average, but noisy per weight)"
+    elif any(s.rounding == "stochastic" for s in lossy):
+        also = " (stochastic rounding keeps the LoRA on average, but its noise per weight is this large)"
+    else:
+        also = ""
     warnings.warn(
         f"requantizing lost most of the LoRA on {len(lossy)} quantized layer(s) (relative error of the applied "
         f"delta above {threshold}):\n  {listing}{more}\nApply with mode='hook' to keep the LoRA exact on the "
-        "quantized base (or rounding='stochastic' on float8 storage).",
+        f"quantized base{also}.",
         stacklevel=4,
     )

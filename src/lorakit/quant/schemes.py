@@ -60,6 +60,10 @@ class QuantKind:
         """The raw quantized tensors (int data, scales, ...), for bit-exact comparisons."""
         raise NotImplementedError
 
+    def float8(self, module: nn.Module) -> bool:
+        """Whether the storage is float8 (``rounding="stochastic"`` is available)."""
+        return False
+
     def _refuse_stochastic(self, rounding: str, scheme: str) -> None:
         if rounding != "nearest":
             raise UnsupportedAdapterError(
@@ -145,6 +149,9 @@ class TorchaoKind(QuantKind):
         w = _weight(module)
         return {"weight.qdata": w.qdata, "weight.scale": w.scale}
 
+    def float8(self, module: nn.Module) -> bool:
+        return _weight(module).qdata.dtype in FP8_DTYPES
+
 
 # -- optimum-quanto ------------------------------------------------------------------------------------------
 class QuantoKind(QuantKind):
@@ -157,7 +164,9 @@ class QuantoKind(QuantKind):
     def info(self, module: nn.Module) -> QuantInfo:
         w = _weight(module)
         group = getattr(w, "_group_size", None)
-        scheme = f"{w.qtype.name} axis={w.axis}" + (f" group={group}" if group else "")
+        act = getattr(w, "activation_qtype", None)
+        scheme = (f"{w.qtype.name} axis={w.axis}" + (f" group={group}" if group else "")
+                  + (f" activations={act.name}" if act is not None else ""))
         return QuantInfo(self.library, f"{type(w).__name__} {scheme}", tuple(w.shape), w.dtype)
 
     def dequantize(self, module: nn.Module) -> torch.Tensor:
@@ -168,14 +177,28 @@ class QuantoKind(QuantKind):
         from optimum.quanto import freeze, quantize
 
         w = _weight(module)
-        self._refuse_stochastic(rounding, self.info(module).scheme)
+        if not self.float8(module):
+            self._refuse_stochastic(rounding, self.info(module).scheme)
         # quanto's own quantizer (scale optimiser, group size) on a throwaway Linear of the same shape
         tmp = nn.Sequential(nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=w.dtype)).requires_grad_(False)
         with torch.no_grad():
             tmp[0].weight.copy_(weight.to(w.dtype))
         quantize(tmp, weights=w.qtype)
         freeze(tmp)
-        return {"weight": tmp[0].weight}
+        q = tmp[0].weight
+        act = getattr(w, "activation_qtype", None)
+        if rounding != "nearest" or act is not None:
+            # float8 + stochastic: quanto's scale, the values rounded stochastically onto its grid; and the layer's
+            # activation qtype (int8/fp8 activations) carried over, which the throwaway Linear did not have
+            data = q._data
+            if rounding != "nearest":
+                data = round_fp8(weight.float() / q._scale.float(), q._data.dtype, rounding, generator)
+            q = type(q)(q.qtype, q.axis, q.size(), q.stride(), data, q._scale, act)
+        return {"weight": q}
+
+    def float8(self, module: nn.Module) -> bool:
+        w = _weight(module)
+        return type(_plain(w._data)) is torch.Tensor and w._data.dtype in FP8_DTYPES
 
     def storage(self, module: nn.Module) -> dict[str, torch.Tensor]:
         w = _weight(module)
@@ -355,6 +378,9 @@ class Fp8ScaledKind(QuantKind):
     def storage(self, module: nn.Module) -> dict[str, torch.Tensor]:
         return {"weight": _weight(module), "scale": getattr(module, self._scale_name(module))}
 
+    def float8(self, module: nn.Module) -> bool:
+        return True
+
 
 #: first match wins (registration order); third parties may append their own kinds
 KINDS: list[QuantKind] = [TorchaoKind(), QuantoKind(), GGUFKind(), Bnb8bitKind(), Bnb4bitKind(), Fp8ScaledKind()]
@@ -363,6 +389,6 @@ KINDS: list[QuantKind] = [TorchaoKind(), QuantoKind(), GGUFKind(), Bnb8bitKind()
 def kind_of(module: nn.Module) -> QuantKind | None:
     """The quantization kind of ``module``'s weight, or ``None`` for a plain floating-point layer."""
     w = _weight(module)
-    if w is None or (type(w) in (torch.Tensor, nn.Parameter) and w.dtype not in FP8_DTYPES):
+    if w is None or (type(w) in (torch.Tensor, nn.Parameter) and w.is_floating_point() and w.dtype not in FP8_DTYPES):
         return None
     return next((k for k in KINDS if k.matches(module)), None)
