@@ -4,13 +4,17 @@ in registration order)."""
 from .base import ADAPTERS, LowRank, WeightAdapter, adapter_for_fields, register_adapter
 from .dora import DoRA
 from .full import FullDiff, NormDiff
+from .ia3 import IA3
 from .loha import LoHaWeights
 from .lokr import LoKrWeights
 from .lora import LoRAWeights
+from .oft import DiagOFT
 from .saved import SavedModule
 
 __all__ = [
     "ADAPTERS",
+    "IA3",
+    "DiagOFT",
     "DoRA",
     "FullDiff",
     "LoHaWeights",

@@ -14,7 +14,7 @@ from torch import nn
 from ..adapters import LowRank
 from ..errors import ConcurrentPatchError, InternalError, NonFiniteError, ShapeMismatchError
 
-__all__ = ["Contribution", "FusePlan", "drop_spares", "fuse", "restore"]
+__all__ = ["Contribution", "FusePlan", "drop_spares", "fuse", "fused_value", "restore", "same_tensor"]
 
 #: elements per chunk of the low-rank kernel: its fp32 scratch (1 MiB) stays in cache between the ops
 CHUNK = 1 << 18
@@ -104,6 +104,17 @@ def _output_for(param: nn.Parameter | None, like: torch.Tensor) -> torch.Tensor:
             and spare.is_contiguous() and spare.data_ptr() != like.data_ptr():
         return spare
     return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+
+
+def fused_value(original: torch.Tensor, live: list[Contribution], strengths: list[float]) -> torch.Tensor:
+    """``round_once(original + Σ sᵢ ΔWᵢ)`` as a new tensor, checked finite (the fuse arithmetic, for hook mode's
+    parameter slots); ``original`` is not touched."""
+    return _fused_tensor(original, live, strengths)
+
+
+def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` view the same memory the same way."""
+    return _same_tensor(a, b)
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -1,23 +1,33 @@
 """The unfused path: a forward hook per patched module computing ``y = f(x) + Σ sᵢ hᵢ(x)``, weights
 untouched; strengths are read at every forward so they can change live. Each ``hᵢ`` is the adapter's own
 ``delta_output`` (:mod:`lorakit.placement` picks the adapter for the target's rows).
+
+Deltas with no output form (norm weights, modulation tables, biases of non-linear modules, a weight delta on a
+module whose op is not linear in its weight) go to :class:`ParamSlots` instead: the original tensor is kept and
+``round(W + Σ sᵢ ΔWᵢ)`` (fp32 math, rounded once: the fuse path's own arithmetic) is materialised into a separate
+tensor put in the parameter, again whenever the strengths change; removal puts the original tensor object back.
+
+A PEFT tuner layer (a diffusers/PEFT ``LoraLayer`` wrapper) is patched through its ``base_layer``
+(:func:`unwrap_tuner`), so PEFT's own adapters keep adding their output on top.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import UnsupportedAdapterError
+from ..errors import PatchOrderError, UnsupportedAdapterError
 from ..families import Target
 from ..model import Layer
 from ..placement import bias_delta, is_transposed, oriented_weight, rows_adapter
 from ..quant import proxy as quant_proxy
+from .fuse import Contribution, fused_value, same_tensor
 
-__all__ = ["HookState", "make_branch"]
+__all__ = ["HookState", "ParamSlots", "make_branch", "split_for_hooks", "unwrap_tuner"]
 
 Branch = Callable[[torch.Tensor], torch.Tensor]
 
@@ -30,6 +40,46 @@ def _bias_shape(module: nn.Module, x: torch.Tensor, n: int) -> tuple[int, ...]:
     if isinstance(module, nn.modules.conv._ConvNd):
         return (1, n, *([1] * (x.dim() - 2)))
     return (n,)
+
+
+def unwrap_tuner(module: nn.Module) -> nn.Module:
+    """The layer a PEFT tuner wrapper (``peft.tuners.*.layer``: ``LoraLayer`` & co., as diffusers' ``load_lora_weights``
+    installs them) runs as its base: ``module.base_layer``, followed through nested wrappers; ``module`` otherwise.
+    Patching the base keeps the wrapper's own adapters working: ``y = base'(x) + Σ peft adapters(x)``."""
+    seen = 0
+    while seen < 8 and type(module).__module__.startswith("peft.") and isinstance(getattr(module, "base_layer", None), nn.Module):
+        module = module.base_layer
+        seen += 1
+    return module
+
+
+def _has_op(module: nn.Module) -> bool:
+    """Whether a module's output is linear in its weight with an op :func:`module_op` runs (Linear, conv, Conv1D)."""
+    return isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or is_transposed(module)
+
+
+def split_for_hooks(layer: Layer, target: Target, module: nn.Module) -> tuple[Layer | None, Layer | None]:
+    """``(branch part, slot part)`` of ``layer`` on ``module``: what a forward hook adds to the output, and what is
+    materialised into the module's parameters instead (:class:`ParamSlots`). A weight delta goes to the hook when the
+    module's op is linear in its weight and the adapter has an output form; otherwise the whole layer (weight, bias,
+    params) goes to the slots, so that a bias tied to the weight (PEFT ``lora_B.bias``) is counted once. Extra
+    parameter deltas (``diff_m``: modulation tables) always go to the slots. A quantized module keeps everything
+    but its extra parameters on the hook path (its storage is never rewritten in hook mode)."""
+    quantized = quant_proxy(module, values=layer.dora is not None)
+    params_only = dataclasses.replace(layer, weight=None, dora=None, bias=None) if layer.params else None
+    rest = dataclasses.replace(layer, params={}) if layer.params else layer
+    if rest.weight is None and rest.bias is None and layer.delta_bias() is None:
+        return None, params_only
+    if quantized is not None:
+        return rest, params_only
+    op = _has_op(module)
+    weight_ok = rest.weight is None or (
+        op and rest.weight.unfused_problem(module) is None
+        and not (target.dst_rows is not None and getattr(module, "groups", 1) != 1)
+    )
+    if weight_ok and op:
+        return rest, params_only
+    return None, layer
 
 
 def _refuse(layer: Layer, target: Target, module: nn.Module) -> None:
@@ -98,3 +148,74 @@ class HookState:
                     y, cloned = y.clone(), True
                 y.narrow(self.channel_dim, dst[0], dst[1] - dst[0]).add_(h, alpha=s)
         return y
+
+
+@dataclasses.dataclass
+class _Slot:
+    param: nn.Parameter
+    contribs: list[Contribution]
+    original: torch.Tensor | None = None  # the tensor the parameter held before the patch (put back by restore)
+    current: torch.Tensor | None = None  # the tensor the patch last put in the parameter
+
+
+class ParamSlots:
+    """Hook mode's path for deltas with no output form: per parameter, the original tensor is kept and
+    ``round(W + Σ sᵢ ΔWᵢ)`` is materialised into a separate tensor (the original itself when every strength is 0),
+    by :meth:`commit` and again by :meth:`update` when the strengths change. :meth:`restore` puts the original
+    tensor object back (bit-exact, same storage and dtype). Every new value is computed and checked before any
+    parameter changes."""
+
+    def __init__(self) -> None:
+        self._slots: dict[int, _Slot] = {}
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def add(self, param: nn.Parameter, contrib: Contribution) -> None:
+        slot = self._slots.get(id(param))
+        if slot is None:
+            slot = self._slots[id(param)] = _Slot(param, [])
+        slot.contribs.append(contrib)
+
+    def _values(self, strengths: Sequence[float], sources: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for slot, source in zip(self._slots.values(), sources):
+            live = [c for c in slot.contribs if strengths[c.lora] != 0.0]
+            out.append(source if not live else fused_value(source, live, list(strengths)))
+        return out
+
+    def commit(self, strengths: Sequence[float]) -> None:
+        """Keep each parameter's tensor and put its materialised value in."""
+        originals = [slot.param.data for slot in self._slots.values()]
+        values = self._values(strengths, originals)  # may raise: nothing changed yet
+        for slot, original, value in zip(self._slots.values(), originals, values):
+            slot.original, slot.current = original, value
+            slot.param.data = value
+
+    def check(self) -> None:
+        """Raise :class:`PatchOrderError` when a parameter no longer holds this patch's tensor (a later patch on the
+        same model changed it): re-materialising would overwrite that patch."""
+        for slot in self._slots.values():
+            if slot.current is not None and not same_tensor(slot.param.data, slot.current):
+                layers = sorted({c.layer for c in slot.contribs})
+                raise PatchOrderError(
+                    f"the parameter patched by {', '.join(layers)} was changed by a later patch; remove the later "
+                    "patch(es) first, then change this patch's strengths"
+                )
+
+    def update(self, strengths: Sequence[float]) -> None:
+        """Re-materialise every parameter for ``strengths`` (all computed and checked before any is swapped)."""
+        if not self._slots:
+            return
+        self.check()
+        values = self._values(strengths, [slot.original for slot in self._slots.values()])
+        for slot, value in zip(self._slots.values(), values):
+            slot.current = value
+            slot.param.data = value
+
+    def restore(self) -> None:
+        """Put every original tensor back (the very object the parameter held before the patch)."""
+        for slot in reversed(list(self._slots.values())):
+            if slot.original is not None:
+                slot.param.data = slot.original
+            slot.original = slot.current = None

@@ -48,7 +48,7 @@ from ..quant import stage as quant_stage
 from ..quant import warn_lossy as quant_warn_lossy
 from .checks import refuse_meta
 from .fuse import Contribution, FusePlan, fuse, restore
-from .hooks import HookState, make_branch
+from .hooks import HookState, ParamSlots, make_branch, split_for_hooks, unwrap_tuner
 
 __all__ = ["ApplyReport", "Patch", "PatchOrderError", "apply"]  # PatchOrderError: from lorakit.errors
 
@@ -154,6 +154,7 @@ class Patch:
         self._lora_params = 0
         self.removed = False
         self._undos: list[Any] = []  # quantized layers: put the original quantized objects back
+        self._slots = ParamSlots()  # hook mode: parameters re-materialised per strengths (norms, modulation, ...)
         self.quant_options = QuantOptions()
 
     @property
@@ -161,7 +162,9 @@ class Patch:
         return list(self._strengths)
 
     def set_strengths(self, strengths: Sequence[float]) -> None:
-        """New strengths, one per LoRA, used from the next forward (hook mode only)."""
+        """New strengths, one per LoRA, used from the next forward (hook mode only). Parameters patched by value
+        (norm weights, modulation tables, biases of non-linear modules) are re-materialised now, all computed and
+        checked before any changes; a later patch on the same model must be removed first."""
         if self.mode != "hook":
             raise UnsupportedAdapterError(
                 "a fused patch has its strengths baked into the weights; remove() and apply again, "
@@ -171,8 +174,12 @@ class Patch:
             raise PatchOrderError("this patch was removed; apply the LoRAs again")
         if len(strengths) != len(self._strengths):
             raise ValueError(f"expected {len(self._strengths)} strengths (one per LoRA), got {len(strengths)}")
-        # in place: the hooks hold a reference to this very list
-        self._strengths[:] = [float(s) for s in strengths]
+        new = [float(s) for s in strengths]
+        components = self.components
+        with _model_lock(components):
+            self._slots.update(new)  # may raise: then neither the parameters nor the strengths changed
+            # in place: the hooks hold a reference to this very list
+            self._strengths[:] = new
 
     def param_stats(self) -> dict[str, float]:
         """Total parameters of the patched components, LoRA parameters matched onto them, and the ratio."""
@@ -210,6 +217,7 @@ class Patch:
         for undo in reversed(self._undos):
             undo()
         self._undos.clear()
+        self._slots.restore()
         restore(self._backups)  # originals back (bit-exact); the fused tensors are kept for the next fuse
         for module in self.components.values():
             stack = _STACKS.get(module, [])
@@ -260,29 +268,44 @@ def _fuse_pieces(layer: Layer, targets: list[Target], resolver: Resolver) -> lis
     pieces: list[tuple[nn.Parameter, Contribution]] = []
     base = _fused_base(layer, targets, resolver)
     for t in targets:
-        module = resolver.module(t)
-        if layer.weight is not None:
-            pieces.append(_weight_piece(layer, t, module, base))
-        db = bias_delta(layer, t)
-        if db is not None:
-            b = get_param(module, "bias")
-            if b is None:
-                raise ShapeMismatchError(f"{t.module} has no bias for the {layer.bias_key} delta; the model was built with bias=False")
-            pieces.append((b, Contribution(-1, layer.name, db.reshape(-1), t.dst_rows)))
-        for name, delta in param_deltas(layer, t).items():
-            p = get_param(module, name)
-            if p is None:
-                raise ShapeMismatchError(f"{t.module} has no parameter {name!r} for this layer's {name} delta")
-            if delta.numel() != p.numel():
-                raise ShapeMismatchError(f"{name} delta of shape {tuple(delta.shape)} does not fit {tuple(p.shape)}")
-            pieces.append((p, Contribution(-1, layer.name, delta.reshape(p.shape), None)))
+        pieces.extend(_target_pieces(layer, t, _module(resolver, t), base))
+    _check_pieces(pieces)
+    return pieces
+
+
+def _module(resolver: Resolver, t: Target) -> nn.Module:
+    """The module a target lands on; a PEFT tuner wrapper's ``base_layer`` (its own adapters keep working)."""
+    return unwrap_tuner(resolver.module(t))
+
+
+def _target_pieces(layer: Layer, t: Target, module: nn.Module, base: torch.Tensor | None) -> list[tuple[nn.Parameter, Contribution]]:
+    """The (parameter, delta) pieces of one layer on one target module: weight, bias, extra parameters."""
+    pieces: list[tuple[nn.Parameter, Contribution]] = []
+    if layer.weight is not None:
+        pieces.append(_weight_piece(layer, t, module, base))
+    db = bias_delta(layer, t)
+    if db is not None:
+        b = get_param(module, "bias")
+        if b is None:
+            raise ShapeMismatchError(f"{t.module} has no bias for the {layer.bias_key} delta; the model was built with bias=False")
+        pieces.append((b, Contribution(-1, layer.name, db.reshape(-1), t.dst_rows)))
+    for name, delta in param_deltas(layer, t).items():
+        p = get_param(module, name)
+        if p is None:
+            raise ShapeMismatchError(f"{t.module} has no parameter {name!r} for this layer's {name} delta")
+        if delta.numel() != p.numel():
+            raise ShapeMismatchError(f"{name} delta of shape {tuple(delta.shape)} does not fit {tuple(p.shape)}")
+        pieces.append((p, Contribution(-1, layer.name, delta.reshape(p.shape), None)))
+    return pieces
+
+
+def _check_pieces(pieces: list[tuple[nn.Parameter, Contribution]]) -> None:
     for p, c in pieces:
         if c.delta is None or c.owner is not None:
             continue  # factor form: checked by low_rank_factors; quantized: shaped on the logical stand-in
         rows = p.shape if c.dst_rows is None else (c.dst_rows[1] - c.dst_rows[0], *p.shape[1:])
         if tuple(c.delta.shape) != tuple(rows):
             raise ShapeMismatchError(f"delta of shape {tuple(c.delta.shape)} does not fit {tuple(rows)}")
-    return pieces
 
 
 def _weight_piece(layer: Layer, t: Target, module: nn.Module, base: torch.Tensor | None) -> tuple[nn.Parameter, Contribution]:
@@ -305,7 +328,7 @@ def _fused_base(layer: Layer, targets: list[Target], resolver: Resolver) -> torc
         return None
     weights = []
     for t in targets:
-        w = get_param(resolver.module(t), "weight")
+        w = get_param(_module(resolver, t), "weight")
         if w is None:
             raise ShapeMismatchError(f"{t.module} has no weight for the {layer.weight.kind} delta")
         weights.append(w.data)
@@ -344,6 +367,7 @@ class _Plan:
     fuse: FusePlan = dataclasses.field(default_factory=dict)
     hooks: dict[int, HookState] = dataclasses.field(default_factory=dict)
     touched: set[int] = dataclasses.field(default_factory=set)
+    slots: ParamSlots = dataclasses.field(default_factory=ParamSlots)  # hook mode: parameters patched by value
     quant_names: dict[int, str] = dataclasses.field(default_factory=dict)  # id(quantized module) -> name
 
 
@@ -359,7 +383,7 @@ def _plan(patch: Patch, resolver: Resolver) -> _Plan:
         report.shape_mismatches[label] = {}
         for layer, targets in res.matched:
             try:
-                layer = bind_layer(layer, targets, resolver.module)  # OFT, (IA)^3, GLoRA, modules_to_save
+                layer = bind_layer(layer, targets, lambda t: _module(resolver, t))  # OFT, (IA)^3, GLoRA, modules_to_save
                 if patch.mode == "fuse":
                     _plan_fuse(plan, i, layer, targets, resolver, strength)
                 else:
@@ -370,14 +394,14 @@ def _plan(patch: Patch, resolver: Resolver) -> _Plan:
             report.matched[label][layer.name] = [t.ref for t in targets]
             _note_quant(plan, report, targets, resolver)
             patch._lora_params += layer.parameters()
-            plan.touched.update(id(resolver.module(t)) for t in targets)
+            plan.touched.update(id(m) for t in targets for m in (resolver.module(t), _module(resolver, t)))
     return plan
 
 
 def _note_quant(plan: _Plan, report: ApplyReport, targets: list[Target], resolver: Resolver) -> None:
     """Record each quantized target's library, scheme and logical shape in the report."""
     for t in targets:
-        module = resolver.module(t)
+        module = _module(resolver, t)
         info = quant_describe(module)
         if info is not None:
             plan.quant_names[id(module)] = str(t.ref)
@@ -423,11 +447,23 @@ def _planning_weight(module: nn.Module) -> torch.Tensor | None:
 
 
 def _plan_hooks(plan: _Plan, i: int, layer: Layer, targets: list[Target], resolver: Resolver, patch: Patch) -> None:
-    dtypes = {w.dtype for t in targets if (w := _planning_weight(resolver.module(t))) is not None and w.is_floating_point()}
+    dtypes = {w.dtype for t in targets if (w := _planning_weight(_module(resolver, t))) is not None and w.is_floating_point()}
     _check_finite(layer, _label(patch.loras[i][0], i), dtypes)
     base = _fused_base(layer, targets, resolver)
-    # every branch is built (and checked) before any is recorded: a failing target leaves no half layer
-    branches = [(t, resolver.module(t), make_branch(layer, t, resolver.module(t), base)) for t in targets]
+    # every branch and slot piece is built (and checked) before any is recorded: a failing target leaves no half layer
+    branches = []
+    pieces: list[tuple[nn.Parameter, Contribution]] = []
+    for t in targets:
+        module = _module(resolver, t)
+        hooked, by_value = split_for_hooks(layer, t, module)
+        if hooked is not None:
+            branches.append((t, module, make_branch(hooked, t, module, base)))
+        if by_value is not None:
+            pieces.extend(_target_pieces(by_value, t, module, base))
+    _check_pieces(pieces)
+    for param, contrib in pieces:
+        contrib.lora = i
+        plan.slots.add(param, contrib)
     for t, module, branch in branches:
         state = plan.hooks.get(id(module))
         if state is None:
@@ -472,9 +508,11 @@ def _commit(patch: Patch, plan: _Plan, owner: str) -> None:
         quant_warn_lossy(staged, patch.quant_options.warn_threshold)
         patch.report.touched_tensors = len(patch._backups) + len(staged)
     else:
+        plan.slots.commit(patch._strengths)  # before any hook: may raise (NaN/Inf), leaving the model unchanged
+        patch._slots = plan.slots
         for state in plan.hooks.values():
             patch._handles.append(state.module.register_forward_hook(state))
-        patch.report.touched_tensors = sum(len(s.branches) for s in plan.hooks.values())
+        patch.report.touched_tensors = sum(len(s.branches) for s in plan.hooks.values()) + len(plan.slots)
 
 
 def _warn_skipped(report: ApplyReport, unmatched: list[str]) -> None:

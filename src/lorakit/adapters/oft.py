@@ -1,0 +1,110 @@
+"""LyCORIS diag-OFT: a block-diagonal orthogonal rotation of the weight's output rows, via the Cayley transform.
+
+File fields (LyCORIS ``DiagOFTModule``): ``oft_blocks [k, b, b]`` (``k·b = out``), optional ``rescale [out, 1, …]``,
+``alpha`` (the constraint: 0/absent = unconstrained). Per block, ``Q = B − Bᵀ``; constrained (``alpha > 0``), ``Q`` is
+scaled down to norm ``alpha · out`` when its Frobenius norm (over all blocks) exceeds it; ``R = (I + Q)(I − Q)⁻¹``.
+The rotated weight is ``W'ₖ = Rₖᵀ Wₖ`` on the rows of block ``k`` (LyCORIS' ``einsum("knm,kn...->km...")``), then
+``W' ← rescale ⊙ W'`` row-wise. ``ΔW = W' − W`` depends on the base weight (:attr:`needs_base`); it is computed in fp32
+and :func:`lorakit.placement.bind_layer` turns it into a plain full diff, so fuse rounds once and hook mode adds
+``ΔW·x`` (fused == hooked).
+
+Strength ``s`` (lorakit's one contract, ``W + s·ΔW``): ``W' = (I + s(R − I))ᵀ W`` without ``rescale``, i.e. a
+straight-line blend between the identity and the rotation (not a rotation by a fraction of the angle). This is
+LyCORIS' own ``multiplier`` for every ``s``; ComfyUI agrees at ``s = 0`` and ``s = 1`` but multiplies by the strength
+twice (``W + s·[(sR − sI)ᵀW]``, so ``0.5`` gives a quarter of the change), ignores ``rescale`` and uses ``alpha`` itself
+(not ``alpha · out``) as the norm bound. With ``rescale``, lorakit blends the whole change:
+``W + s(rescale ⊙ RᵀW − W)``; LyCORIS applies the full rescale at any ``s`` (they agree at ``s = 1``).
+BOFT (butterfly factors, 4-D ``oft_blocks``) is recognised and refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import torch
+
+from ..errors import FormatError, ShapeMismatchError, UnsupportedAdapterError
+from .base import WeightAdapter, register_adapter
+
+__all__ = ["DiagOFT", "cayley"]
+
+
+def cayley(blocks: torch.Tensor, constraint: float = 0.0) -> torch.Tensor:
+    """fp32 ``R = (I + Q)(I − Q)⁻¹`` per block, ``Q = B − Bᵀ`` scaled to Frobenius norm ``constraint`` when larger."""
+    b = blocks.float()
+    q = b - b.transpose(-1, -2)
+    if constraint > 0:
+        norm = torch.linalg.vector_norm(q) + 1e-8
+        if norm > constraint:
+            q = q * (constraint / norm)
+    eye = torch.eye(b.shape[-1], dtype=b.dtype, device=b.device).expand_as(q)
+    return (eye + q) @ torch.linalg.inv(eye - q)
+
+
+@register_adapter
+@dataclasses.dataclass(frozen=True, eq=False)
+class DiagOFT(WeightAdapter):
+    kind = "oft"
+    detect = ("oft_blocks",)
+    fields = ("oft_blocks", "rescale", "alpha")
+    required = ("oft_blocks",)
+    needs_base = True
+
+    oft_blocks: torch.Tensor
+    rescale: torch.Tensor | None = None
+    #: LyCORIS' constraint per output row (the file's ``alpha``); 0 or ``None``: unconstrained
+    alpha: float | None = None
+
+    @classmethod
+    def from_fields(cls, tensors: Mapping[str, torch.Tensor], *, name: str = "?") -> WeightAdapter:
+        blocks = tensors.get("oft_blocks")
+        if isinstance(blocks, torch.Tensor) and blocks.dim() == 4:
+            raise UnsupportedAdapterError(
+                f"{name}: oft_blocks of shape {tuple(blocks.shape)} are BOFT butterfly factors; BOFT is recognised "
+                "but not supported yet (diag-OFT files have 3-D oft_blocks)"
+            )
+        return super().from_fields(tensors, name=name)
+
+    def validate(self, name: str) -> None:
+        super().validate(name)
+        if self.oft_blocks.dim() != 3:
+            raise FormatError(f"{name}: oft_blocks must be [n, b, b], got {tuple(self.oft_blocks.shape)}")
+        k, b, b2 = self.oft_blocks.shape
+        if b != b2:
+            raise FormatError(f"{name}: oft_blocks must be square blocks [n, b, b], got {tuple(self.oft_blocks.shape)}")
+        if self.rescale is not None and self.rescale.numel() != k * b:
+            raise FormatError(f"{name}: rescale of shape {tuple(self.rescale.shape)} does not match {k * b} output rows")
+
+    @property
+    def scale(self) -> float:
+        return 1.0  # alpha is OFT's constraint, not a LoRA scale
+
+    @property
+    def constraint(self) -> float:
+        """The Frobenius-norm bound on ``Q`` LyCORIS trains with: ``alpha · out`` (0: unconstrained)."""
+        return float(self.alpha or 0.0) * self.out_features()
+
+    def out_features(self) -> int:
+        return int(self.oft_blocks.shape[0] * self.oft_blocks.shape[1])
+
+    def rotation(self) -> torch.Tensor:
+        """fp32 ``R [k, b, b]``."""
+        return cayley(self.oft_blocks, self.constraint)
+
+    def natural_delta(self) -> torch.Tensor:
+        raise UnsupportedAdapterError(
+            "an OFT delta is a rotation of the base weight: apply it to a model (lorakit.apply), or merge it into "
+            "a base checkpoint, rather than computing it on its own"
+        )
+
+    def delta_from_base(self, base: torch.Tensor) -> torch.Tensor:
+        k, b, _ = self.oft_blocks.shape
+        if base.shape[0] != k * b:
+            raise ShapeMismatchError(f"OFT blocks {k}x{b}x{b} rotate {k * b} rows, the weight has shape {tuple(base.shape)}")
+        w = base.detach().float()
+        r = self.rotation().to(w.device)
+        rotated = torch.einsum("knm,knc->kmc", r, w.reshape(k, b, -1)).reshape(w.shape)
+        if self.rescale is not None:
+            rotated = self.rescale.float().to(w.device).reshape(-1, *([1] * (w.dim() - 1))) * rotated
+        return rotated - w
