@@ -346,10 +346,17 @@ def test_hook_mode_matches_fuse():
     patch.remove()
     with torch.no_grad():
         torch.testing.assert_close(hooked(**_inputs()).sample, base_out, rtol=0, atol=0)
-    # a full diff on an RMSNorm weight has no unfused path: refused, with the way out named
+    # a full diff on an RMSNorm weight: hook mode materialises it by value, equal to fuse; remove is bit-exact
     norms = lorakit.load(_original_file([p for p in plan if p[2] == "norm"], factors, "kohya"))
-    with pytest.raises(Exception, match="mode='fuse'"):
-        lorakit.apply(copy.deepcopy(base), norms, mode="hook", strict=True)
+    fused, hooked = copy.deepcopy(base), copy.deepcopy(base)
+    lorakit.apply(fused, [(norms, 0.6)], strict=True)
+    patch = lorakit.apply(hooked, [(norms, 0.6)], mode="hook", strict=True)
+    with torch.no_grad():
+        a, b = (m(**_inputs()).sample for m in (fused, hooked))
+    torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert (a - base_out).abs().max() > 1e-4
+    patch.remove()
+    assert _changed(hooked, base) == []
 
 
 def test_sd35_lora_on_sd3_model_reports_what_it_cannot_place():

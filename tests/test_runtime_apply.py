@@ -243,7 +243,7 @@ def test_rows_and_transform_targets() -> None:
         fam_base.FAMILIES.remove(next(f for f in fam_base.FAMILIES if f.name == "testrows"))
 
 
-def test_modulation_param_fuses_and_hook_refuses() -> None:
+def test_modulation_param_fuses_and_hooks() -> None:
     class Mod(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -258,8 +258,11 @@ def test_modulation_param_fuses_and_hook_refuses() -> None:
     with lorakit.apply(outer, lora):
         torch.testing.assert_close(model.modulation - before["modulation"], diff_m, atol=1e-6, rtol=0)
     assert _same(before, model)
-    with pytest.raises(lorakit.UnsupportedAdapterError, match="mode='fuse'"):
-        lorakit.apply(outer, lora, mode="hook")
+    # hook mode materialises W + s·ΔW into a separate tensor; strengths change it live; remove is bit-exact
+    with lorakit.apply(outer, lora, mode="hook") as patch:
+        torch.testing.assert_close(model.modulation - before["modulation"], diff_m, atol=1e-6, rtol=0)
+        patch.set_strengths([0.5])
+        torch.testing.assert_close(model.modulation - before["modulation"], 0.5 * diff_m, atol=1e-6, rtol=0)
     assert _same(before, model)
 
 

@@ -119,8 +119,14 @@ def test_hook_error_leaves_no_hook() -> None:
     from lorakit.adapters import NormDiff
 
     lora = LoRA({"0": Layer("0", None, "0", bias=torch.ones(4)), "1": Layer("1", None, "1", weight=NormDiff(torch.ones(4)))})
-    with pytest.raises(lorakit.UnsupportedAdapterError, match="mode='fuse'"):
-        lorakit.apply(model, lora, mode="hook")
+    # a layer that cannot be applied (NaN factors in hook mode) fails the whole apply: no hook stays behind
+    bad = LoRA({**lora.layers, "2": Layer("2", None, "0", bias=torch.full((4,), float("nan")))})
+    with pytest.raises(lorakit.LorakitError):
+        lorakit.apply(model, bad, mode="hook")
+    assert torch.equal(model(x), y0)
+    assert not model[0]._forward_hooks and not model[1]._forward_hooks
+    with lorakit.apply(model, lora, mode="hook"):  # hook mode handles the norm delta by value
+        assert not torch.equal(model(x), y0)
     assert torch.equal(model(x), y0)
     with lorakit.apply(model, lora):  # fuse mode handles the norm delta
         assert not torch.equal(model(x), y0)
