@@ -40,6 +40,7 @@ _LAZY = {
     "merge": "lorakit.ops",
     "resize": "lorakit.ops",
     "save": "lorakit.saving",
+    "slots": "lorakit.runtime.slots",
     "tiny_pipeline": "lorakit.pipelines",
     "validate": "lorakit.ops",
 }
@@ -70,6 +71,7 @@ __all__ = [
     "merge",
     "resize",
     "save",
+    "slots",
     "tiny_pipeline",
     "validate",
 ]

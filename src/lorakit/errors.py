@@ -15,6 +15,7 @@ keeps working::
     ├── OverwriteError (FileExistsError)    an output path equal to an input
     ├── MatchError (ValueError)             a LoRA matched nothing (or, strict, not everything)
     ├── ShapeMismatchError (ValueError)     a delta does not fit its target tensor
+    ├── SlotError (ValueError)              a LoRA does not fit the prepared adapter slots (rank, target, slot)
     ├── UnknownFamilyError (KeyError)       a model family / variant name lorakit does not know
     ├── PatchOrderError (RuntimeError)      a patch removed while a later one on the model is active
     ├── ConcurrentPatchError (RuntimeError) another thread is applying/removing a patch on the same model
@@ -38,6 +39,7 @@ __all__ = [
     "PatchOrderError",
     "RankMismatchError",
     "ShapeMismatchError",
+    "SlotError",
     "SourceNotFoundError",
     "UnknownFamilyError",
     "UnknownFormatError",
@@ -92,6 +94,11 @@ class MatchError(LorakitError, ValueError):
 
 class ShapeMismatchError(LorakitError, ValueError):
     """A delta's shape does not fit the tensor it targets."""
+
+
+class SlotError(LorakitError, ValueError):
+    """A LoRA does not fit the prepared adapter slots (rank above the capacity, a target outside the prepared
+    set, a slot or row that does not exist); the slot keeps what it held."""
 
 
 class UnknownFamilyError(LorakitError, KeyError):
