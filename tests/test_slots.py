@@ -223,8 +223,13 @@ def test_files_catalogue_sets_targets_and_rank():
 
 
 @pytest.fixture(scope="module")
-def unet():
-    return lorakit.tiny_pipeline().unet.eval()
+def pipe():
+    return lorakit.tiny_pipeline()
+
+
+@pytest.fixture(scope="module")
+def unet(pipe):
+    return pipe.unet.eval()
 
 
 def test_mixed_rows_equal_each_lora_fused_alone_unet(unet):
@@ -255,6 +260,80 @@ def test_mixed_rows_equal_each_lora_fused_alone_unet(unet):
         torch.testing.assert_close(out[r], ref, **TOL)
         assert (ref - base[r]).abs().max() > 1e-2
     assert _bit_equal(unet, snap) and _no_hooks(unet)
+
+
+def test_pipeline_rows_per_prompt_cover_cfg_and_text_encoder(pipe):
+    """One entry per prompt: CFG's doubled UNet batch and both text-encoder calls (prompt, negative) map onto it."""
+    def on(comp, root):
+        return {n: m for n, m in root.named_modules() if isinstance(m, nn.Linear) or
+                (isinstance(m, nn.Conv2d) and m.groups == 1)}
+
+    def lora(seed):
+        layers = {}
+        for comp, root in (("denoiser", pipe.unet), ("text_encoder", pipe.text_encoder)):
+            part = _lora(on(comp, root), seed, 4, comp)
+            layers.update({f"{comp}.{k}": v for k, v in part.layers.items()})
+        return LoRA(layers)
+
+    loras = [lora(41), lora(42)]
+    prompts = ["a red cube", "a blue sphere"]
+    latents = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(1))
+    kw = dict(num_inference_steps=2, guidance_scale=5.0, output_type="latent")
+    sl = lorakit.slots(pipe, k=2, max_rank=4)
+    assert {t.component for t in sl.targets} == {"denoiser", "text_encoder"}
+    sl.load(0, loras[0])
+    sl.load(1, loras[1])
+    with torch.no_grad():
+        with sl.rows([1, 0]):
+            out = pipe(prompts, latents=latents.clone(), **kw).images
+        sl.close()
+        for r, slot in enumerate([1, 0]):
+            with lorakit.apply(pipe, [(loras[slot], 1.0)]):
+                ref = pipe(prompts[r:r + 1], latents=latents[r:r + 1].clone(), **kw).images[0]
+            base = pipe(prompts[r:r + 1], latents=latents[r:r + 1].clone(), **kw).images[0]
+            torch.testing.assert_close(out[r], ref, **TOL)
+            assert (ref - base).abs().max() > 1e-2
+
+
+class _StubResolver:
+    """Routes three split file layers q, k, v onto rows of one fused module (a model-fused, file-split layout)."""
+
+    def __init__(self, real) -> None:
+        self.real = real
+
+    def resolve(self, lora):
+        from lorakit.families import Target
+        from lorakit.families.resolve import Resolution
+
+        rows = {"q": (0, 16), "k": (16, 32), "v": (32, 48)}
+        return Resolution([(layer, [Target("generic", "qkv", dst_rows=rows[layer.path])]) for layer in lora], [])
+
+
+def test_split_file_layers_land_on_rows_of_a_fused_module():
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("qkv", nn.Linear(16, 48))
+    g = torch.Generator().manual_seed(5)
+    layers = {n: Layer(n, None, n, weight=LoRAWeights(torch.randn(r, 16, generator=g), torch.randn(16, r, generator=g),
+                                                      alpha=1.0)) for n, r in (("q", 2), ("k", 3), ("v", 1))}
+    lora = LoRA(layers)
+    sl = lorakit.slots(model, k=2, max_rank=6)
+    sl._resolver = _StubResolver(sl._resolver)
+    sl.load(1, lora, strength=0.5)
+    expected_delta = torch.cat([lay.weight.delta_weight() for lay in layers.values()])
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        with sl.rows([1, -1]):
+            got = model(x)
+        base = model(x)
+    torch.testing.assert_close(got[0], base[0] + 0.5 * x[0] @ expected_delta.T, **TOL)
+    assert torch.equal(got[1], base[1]) and (got[0] - base[0]).abs().max() > 1e-2
+    site = next(iter(sl._sites.values()))
+    assert site.used[1] == 6 and not site.B[1, 16:, :2].any() and not site.B[1, :16, 2:].any()
+    wider_k = Layer("k", None, "k", weight=LoRAWeights(torch.randn(4, 16), torch.randn(16, 4)))
+    with pytest.raises(SlotError, match=r"v: rank 1 \(after 6 columns of other layers"):
+        sl.load(0, LoRA({"q": layers["q"], "k": wider_k, "v": layers["v"]}))  # 2 + 4 + 1 > 6
+    sl.close()
 
 
 # -- fused projections ---------------------------------------------------------------------------------
