@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 
 import lorakit  # noqa: E402
 from lorakit.adapters import LoHaWeights, LoRAWeights  # noqa: E402
-from lorakit.errors import MatchError, SlotError, UnsupportedAdapterError  # noqa: E402
+from lorakit.errors import MatchError, NonFiniteError, SlotError, UnsupportedAdapterError  # noqa: E402
 from lorakit.model import Layer, LoRA  # noqa: E402
 
 TOL = dict(atol=1e-4, rtol=1e-4)
@@ -193,6 +193,10 @@ def test_failed_load_leaves_the_slot_as_it_was():
         sl.load(0, loha)
     with pytest.raises(MatchError):
         sl.load(0, _lora({"nope": model.fc1}, 12, 2))
+    broken = _lora({n: m for n, m in _linears(model).items() if n != "fc3"}, 16, 2)
+    broken.layers["fc2"].weight.up[3, 1] = float("nan")
+    with pytest.raises(NonFiniteError, match="fc2 has NaN/Inf in up"):
+        sl.load(0, broken)
     with pytest.raises(SlotError, match="slot 5 does not exist"):
         sl.load(5, good)
     with pytest.raises(SlotError, match="not slots"):

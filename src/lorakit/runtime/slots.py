@@ -137,17 +137,28 @@ class _Hook:
         return _mixed(site, x, output, idx, srow, rank)
 
 
+def _accumulate(y: torch.Tensor, y3: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``y + h @ b`` batched (``y3``: ``y`` reshaped ``[n, ·, ·]``, a view when ``y`` is contiguous): in place into the module's fresh output when
+    nothing needs it for a backward pass (no extra pass over the output), else out of place."""
+    if y.is_contiguous() and not (y.requires_grad and torch.is_grad_enabled()):
+        y3.baddbmm_(h, b)
+        return y
+    return torch.baddbmm(y3, h, b).view(y.shape)
+
+
 def _uniform(site: _Site, x: torch.Tensor, y: torch.Tensor, s: int, strength: torch.Tensor, rank: int) -> torch.Tensor:
-    """Every row on slot ``s``: ``y + strength · B[s] @ (A[s] @ x)`` with the used rank only."""
+    """Every row on slot ``s``: ``y + strength · B[s] @ (A[s] @ x)`` with the used rank only (no gather)."""
     a = site.A[s, :rank].to(x.dtype)
     b = site.B[s, :, :rank].to(x.dtype)
+    n = x.shape[0]
     if not site.kernel:
-        return y + F.linear(F.linear(x, a) * strength.to(x.dtype), b)
+        h = F.linear(x, a).mul_(strength.to(x.dtype)).reshape(1, -1, rank)  # [1, n·tokens, rank]
+        return _accumulate(y, y.reshape(1, -1, site.out_features), h, b.t().unsqueeze(0))
     m = site.module
-    conv = _CONV_FN[len(site.kernel)]
-    h = conv(x, a.reshape(rank, -1, *site.kernel), None, m.stride, m.padding, m.dilation)
-    h = h * strength.to(x.dtype)
-    return y + conv(h, b.reshape(*b.shape, *([1] * len(site.kernel))))
+    h = _CONV_FN[len(site.kernel)](x, a.reshape(rank, -1, *site.kernel), None, m.stride, m.padding, m.dilation)
+    h = h.mul_(strength.to(x.dtype)).reshape(n, rank, -1)  # [n, rank, spatial]
+    y3 = y.reshape(n, site.out_features, -1)
+    return _accumulate(y, y3, h, b.unsqueeze(0).expand(n, -1, -1))
 
 
 def _mixed(site: _Site, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, srow: torch.Tensor, rank: int) -> torch.Tensor:
@@ -159,17 +170,17 @@ def _mixed(site: _Site, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, sro
     b = site.B[:, :, :rank].index_select(0, safe).to(x.dtype)  # [n, out, rank]
     scale = srow.to(x.dtype).view(n, 1, 1)
     if not site.kernel:
-        h = torch.bmm(x.reshape(n, -1, site.in_flat), a.transpose(1, 2)) * scale  # [n, tokens, rank]
+        h = torch.bmm(x.reshape(n, -1, site.in_flat), a.transpose(1, 2)).mul_(scale)  # [n, tokens, rank]
         y3 = y.reshape(n, -1, site.out_features)
-        return torch.baddbmm(y3, h, b.transpose(1, 2)).view(y.shape)
+        return _accumulate(y, y3, h, b.transpose(1, 2))
     m = site.module
     conv = _CONV_FN[len(site.kernel)]
     channels = site.in_flat // math.prod(site.kernel)
     h = conv(x.reshape(1, n * channels, *x.shape[2:]), a.reshape(n * rank, channels, *site.kernel), None,
-             m.stride, m.padding, m.dilation, n)  # [1, n·rank, *spatial]
-    h = h.reshape(n, rank, -1) * scale
+             m.stride, m.padding, m.dilation, n)  # [1, n·rank, *spatial]: the down conv grouped by row
+    h = h.reshape(n, rank, -1).mul_(scale)
     y3 = y.reshape(n, site.out_features, -1)
-    return torch.baddbmm(y3, b, h).view(y.shape)
+    return _accumulate(y, y3, b, h)
 
 
 class Slots:
@@ -275,7 +286,9 @@ class Slots:
                 piece = _place(layer, t, site, cols.get(id(site), 0))
                 cols[id(site)] = piece.col + piece.down.shape[0]
                 pieces.append(piece)
-            _check_finite(layer, lora.source or "lora", {self._site_of(layer, t).A.dtype for t in targets})
+            dtypes = {self._site_of(layer, t).A.dtype for t in targets}
+            if not _finite(layer, dtypes):
+                _check_finite(layer, lora.source or "lora", dtypes)  # names the tensors at fault and raises
         return pieces
 
     def _site_of(self, layer: Layer, t: Target) -> _Site:
@@ -311,9 +324,12 @@ class Slots:
                 dst = p.site.B[i, :, p.col:p.col + r]
                 if p.rows is not None:
                     dst = dst[p.rows[0]:p.rows[1]]
-                dst.copy_(p.up)
-                if p.scale != 1.0:
-                    dst.mul_(p.scale)
+                if p.scale == 1.0:
+                    dst.copy_(p.up)
+                elif torch.promote_types(p.up.dtype, dst.dtype) == p.up.dtype:
+                    torch.mul(p.up, p.scale, out=dst)  # one pass, computed in up's dtype, rounded once into dst
+                else:  # a lower-precision file into a wider buffer: scale in the buffer's dtype
+                    dst.copy_(p.up).mul_(p.scale)
         self._cache.clear()
 
     # -- rows -------------------------------------------------------------------------------------------
@@ -392,6 +408,26 @@ class Slots:
         state = "closed" if self.closed else f"{len(self._sites)} targets, {self.nbytes / 2**20:.1f} MiB"
         loaded = ", ".join(f"{i}:{label}@{self._strengths[i]:g}" for i, label in enumerate(self.labels) if label)
         return f"<Slots k={self.k} {state}; loaded: {loaded or '-'}>"
+
+
+def _finite(layer: Layer, dtypes: set[torch.dtype]) -> bool:
+    """Whether the layer's factors are finite and stay finite in the buffers' ``dtypes``, in one reduction per
+    tensor (no per-element copy): a NaN/Inf anywhere makes the fp32 sum non-finite. A ``False`` (also from an
+    fp32 overflow of a huge but finite sum) sends the layer to the exact per-element check."""
+    alpha = None if layer.weight is None else layer.weight.alpha
+    if alpha is not None and not math.isfinite(float(alpha)):
+        return False
+    for t in layer.weight.tensors().values() if layer.weight is not None else ():
+        if not t.is_floating_point():
+            continue
+        if not math.isfinite(float(t.sum(dtype=torch.float32))):
+            return False
+        narrower = [d for d in dtypes if d.is_floating_point and torch.finfo(d).max < torch.finfo(t.dtype).max]
+        if narrower and t.numel():
+            lo, hi = torch.aminmax(t)
+            if max(-float(lo), float(hi)) > min(torch.finfo(d).max for d in narrower):
+                return False
+    return True
 
 
 def _finite_strength(strength: float) -> float:
