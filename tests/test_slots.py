@@ -209,6 +209,29 @@ def test_failed_load_leaves_the_slot_as_it_was():
     sl.close()
 
 
+def test_a_loaded_lora_object_is_planned_once_and_forgotten_with_it():
+    import gc
+
+    model = _mlp()
+    sl = lorakit.slots(model, k=2, max_rank=4)
+    lora = _lora(_linears(model), 17, 4)
+    sl.load(0, lora)
+    plan = sl._plans[id(lora)][1]
+    sl.load(1, lora, strength=0.3)
+    assert sl._plans[id(lora)][1] is plan  # the same plan: no second resolve or check
+    lora.layers["fc2"] = _lora({"fc2": model.fc2}, 18, 2).layers["fc2"]  # a replaced layer: planned again
+    sl.load(1, lora)
+    assert sl._plans[id(lora)][1] is not plan and sl._sites[("generic", "fc2")].used == [4, 2]
+    x = torch.randn(2, 16)
+    with torch.no_grad(), sl.rows([1, 1]):
+        got = model(x)
+    torch.testing.assert_close(got, _fused_row(model, lora, 1.0, lambda: model(x)), **TOL)
+    del lora
+    gc.collect()
+    assert not sl._plans
+    sl.close()
+
+
 def test_files_catalogue_sets_targets_and_rank():
     model = _mlp()
     mods = _linears(model)

@@ -14,6 +14,7 @@ import fnmatch
 import math
 import os
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -207,6 +208,8 @@ class Slots:
         self._cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         self.labels: list[str | None] = [None] * k
         self._strengths: list[float] = [0.0] * k
+        # id(LoRA) -> (its layers, the checked plan, unmatched layers): a LoRA object loaded again is not resolved and checked again
+        self._plans: dict[int, tuple[tuple[Layer, ...], list[_Piece], int]] = {}
         self._handles = [site.module.register_forward_hook(_Hook(site, self)) for site in sites.values()]
         self.closed = False
 
@@ -244,7 +247,7 @@ class Slots:
 
             lora = read(lora)
         _check_invalid([(lora, strength)], None if not strict else True)
-        pieces = self._plan(lora, strict)
+        pieces = self._cached_plan(lora, strict)
         self._commit(i, pieces)
         self.labels[i] = os.path.basename(str(lora.source)) if lora.source else "lora"
         self.set_strength(i, strength)
@@ -266,7 +269,22 @@ class Slots:
             st.strengths[i] = strength
         self._cache.clear()
 
-    def _plan(self, lora: LoRA, strict: bool) -> list[_Piece]:
+    def _cached_plan(self, lora: LoRA, strict: bool) -> list[_Piece]:
+        """The plan of ``lora``, kept while the LoRA object lives: a catalogue resident in memory loads at the
+        cost of its copies. Replacing a layer of ``lora.layers`` makes a new plan; changing its tensors in place
+        after a load is not seen (load a new LoRA object instead)."""
+        layers = tuple(lora.layers.values())
+        hit = self._plans.get(id(lora))
+        if hit is not None and len(hit[0]) == len(layers) and all(a is b for a, b in zip(hit[0], layers)):
+            if not (strict and hit[2]):  # a strict load of a LoRA with unmatched layers plans again, and raises
+                return hit[1]
+        pieces, unmatched = self._plan(lora, strict)
+        if hit is None:
+            weakref.finalize(lora, self._plans.pop, id(lora), None)
+        self._plans[id(lora)] = (layers, pieces, unmatched)
+        return pieces
+
+    def _plan(self, lora: LoRA, strict: bool) -> tuple[list[_Piece], int]:
         res = self._resolver.resolve(lora)
         unmatched = sorted(layer.name for layer in res.unmatched)
         if not res.matched:
@@ -289,7 +307,7 @@ class Slots:
             dtypes = {self._site_of(layer, t).A.dtype for t in targets}
             if not _finite(layer, dtypes):
                 _check_finite(layer, lora.source or "lora", dtypes)  # names the tensors at fault and raises
-        return pieces
+        return pieces, len(unmatched)
 
     def _site_of(self, layer: Layer, t: Target) -> _Site:
         site = self._sites.get((t.component, t.module))
@@ -386,6 +404,7 @@ class Slots:
             handle.remove()
         self._handles.clear()
         self._sites.clear()
+        self._plans.clear()
         self._states.clear()
         self._cache.clear()
         self.closed = True
