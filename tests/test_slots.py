@@ -100,6 +100,29 @@ def test_mixed_rows_equal_each_lora_fused_alone_linear():
     assert _bit_equal(model, snap) and _no_hooks(model)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_buffers_follow_the_model(dtype):
+    """Buffers take the weights' dtype; 16-bit tolerance: 1e-2 absolute on outputs below 1 (fused rounds W+ΔW to
+    16 bits once, the slot rounds B@(A@x) and the sum)."""
+    model = _mlp().to(dtype)
+    loras = [_lora(_linears(model), seed, 4) for seed in (1, 2)]
+    sl = lorakit.slots(model, k=2, max_rank=4)
+    assert all(s.A.dtype == dtype and s.B.dtype == dtype for s in sl._sites.values())
+    for i, lora in enumerate(loras):
+        sl.load(i, lora)
+    x = torch.randn(3, 16, dtype=dtype)
+    with torch.no_grad():
+        with sl.rows([0, 1, -1]):
+            out = model(x)
+        base = model(x)
+    sl.close()
+    assert torch.equal(out[2], base[2])
+    for r in (0, 1):
+        ref = _fused_row(model, loras[r], 1.0, lambda r=r: model(x[r:r + 1]))[0]
+        torch.testing.assert_close(out[r], ref, atol=1e-2, rtol=0)
+        assert (ref - base[r]).abs().max() > 0.1
+
+
 def test_uniform_rows_fast_path_and_strength_change():
     model = _mlp()
     lora = _lora(_linears(model), 4, 4)
