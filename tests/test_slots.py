@@ -267,6 +267,8 @@ def test_files_catalogue_sets_targets_and_rank():
     with pytest.raises(SlotError, match="fc2 lands on"):
         sl.load(1, _lora({"fc2": mods["fc2"]}, 15, 2))
     sl.close()
+    with pytest.raises(ValueError, match="not both"):
+        lorakit.slots(model, k=1, files=[a], targets="fc*")
 
 
 # -- tiny UNet (Linear + Conv2d, 3x3 and 1x1) --------------------------------------------------------------

@@ -139,8 +139,8 @@ class _Hook:
 
 
 def _accumulate(y: torch.Tensor, y3: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``y + h @ b`` batched (``y3``: ``y`` reshaped ``[n, ·, ·]``, a view when ``y`` is contiguous): in place into the module's fresh output when
-    nothing needs it for a backward pass (no extra pass over the output), else out of place."""
+    """``y + h @ b`` batched (``y3``: ``y`` reshaped ``[n, ·, ·]``, a view when ``y`` is contiguous): in place into
+    the module's fresh output when nothing needs it for a backward pass (no extra pass over it), else out of place."""
     if y.is_contiguous() and not (y.requires_grad and torch.is_grad_enabled()):
         y3.baddbmm_(h, b)
         return y
@@ -208,7 +208,8 @@ class Slots:
         self._cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         self.labels: list[str | None] = [None] * k
         self._strengths: list[float] = [0.0] * k
-        # id(LoRA) -> (its layers, the checked plan, unmatched layers): a LoRA object loaded again is not resolved and checked again
+        # id(LoRA) -> (its layers, its checked plan, its unmatched layer count): a LoRA object loaded again is not
+        # resolved and checked again
         self._plans: dict[int, tuple[tuple[Layer, ...], list[_Piece], int]] = {}
         self._handles = [site.module.register_forward_hook(_Hook(site, self)) for site in sites.values()]
         self.closed = False
@@ -292,7 +293,8 @@ class Slots:
                              f"(unmatched: {', '.join(unmatched[:10])}{' ...' if len(unmatched) > 10 else ''}); "
                              "is it a LoRA for another model family?")
         if unmatched:
-            msg = f"{len(unmatched)} layer(s) of {lora.source or 'the LoRA'} matched no module:\n  " + "\n  ".join(unmatched)
+            msg = (f"{len(unmatched)} layer(s) of {lora.source or 'the LoRA'} matched no module:\n  "
+                   + "\n  ".join(unmatched))
             if strict:
                 raise MatchError(f"strict=True and nothing was loaded; {msg}\nPass strict=False to skip them.")
             warnings.warn(msg + "\nPass strict=True to make this an error.", stacklevel=3)
@@ -507,10 +509,12 @@ def _catalogue(resolver: Resolver, files: Sequence[Any]) -> dict[tuple[str, str]
         lora = f if isinstance(f, LoRA) else read(f)
         per_file: dict[tuple[str, str], int] = {}
         for layer, targets in resolver.resolve(lora).matched:
-            rank = layer.rank or 0
+            lr = None if layer.weight is None else layer.weight.low_rank()
+            if lr is None:
+                continue  # not a slot adapter (LoHa, LoKr, full, ...): its load will say so
             for t in targets:
                 key = (t.component, t.module)
-                per_file[key] = per_file.get(key, 0) + rank
+                per_file[key] = per_file.get(key, 0) + lr.rank
         for key, r in per_file.items():
             need[key] = max(need.get(key, 0), r)
     return need
@@ -556,6 +560,8 @@ def slots(
         raise ValueError(f"k must be a positive number of slots, got {k!r}")
     if max_rank is not None and (not isinstance(max_rank, int) or max_rank < 1):
         raise ValueError(f"max_rank must be a positive int, got {max_rank!r}")
+    if files is not None and targets is not None:
+        raise ValueError("pass targets= (module globs) or files= (a catalogue), not both")
     components = components_of(target, component)
     refuse_meta(components, target)
     resolver = Resolver(components)
