@@ -119,8 +119,9 @@ class _Hook:
         self.site = site
         self.owner = owner
 
-    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-        x = args[0]
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor
+                 ) -> torch.Tensor:
+        x = args[0] if args else kwargs["input"]
         site, owner = self.site, self.owner
         state = owner._states[site.A.device]
         if torch.compiler.is_compiling():
@@ -211,7 +212,7 @@ class Slots:
         # id(LoRA) -> (its layers, its checked plan, its unmatched layer count): a LoRA object loaded again is not
         # resolved and checked again
         self._plans: dict[int, tuple[tuple[Layer, ...], list[_Piece], int]] = {}
-        self._handles = [site.module.register_forward_hook(_Hook(site, self)) for site in sites.values()]
+        self._handles = [site.module.register_forward_hook(_Hook(site, self), with_kwargs=True) for site in sites.values()]
         self.closed = False
 
     # -- what was prepared ------------------------------------------------------------------------------
