@@ -487,12 +487,19 @@ def _place(layer: Layer, t: Target, site: _Site, col: int) -> _Piece:
     return _Piece(site, col, lr.down, up, lr.scale, t.dst_rows)
 
 
+def _never_called(root: nn.Module) -> set[int]:
+    """Linears whose weight their parent reads without calling them (``nn.MultiheadAttention.out_proj``): a hook
+    there would never run."""
+    return {id(m.out_proj) for m in root.modules() if isinstance(m, nn.MultiheadAttention)}
+
+
 def _select(components: dict[str, nn.Module], patterns: Sequence[str] | None) -> dict[tuple[str, str], nn.Module]:
     """Every hookable module of every component, or those whose name or ``component:name`` matches a glob."""
     out: dict[tuple[str, str], nn.Module] = {}
     for comp, root in components.items():
+        skip = _never_called(root)
         for name, module in root.named_modules():
-            if not name or _hookable(module) is not None:
+            if not name or id(module) in skip or _hookable(module) is not None:
                 continue
             if patterns is None or any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(f"{comp}:{name}", p)
                                        for p in patterns):
@@ -568,10 +575,13 @@ def slots(
     resolver = Resolver(components)
     if files is not None:
         need = _catalogue(resolver, files)
+        never = {comp: _never_called(root) for comp, root in components.items()}
         chosen = {}
         for key, rank in need.items():
             module = resolver.index.modules[key[0]][key[1]]
             why = _hookable(module)
+            if why is None and id(module) in never[key[0]]:
+                why = "the out_proj of an nn.MultiheadAttention, which never calls it"
             if why is not None:
                 raise SlotError(f"{ModuleRef(*key)} is {why}: it cannot hold a slot; drop the LoRA from files= or "
                                 "apply it with lorakit.apply")
