@@ -44,6 +44,7 @@ _LAZY = {
     "train": "lorakit.train",
     "TrainConfig": "lorakit.train",
     "TrainResult": "lorakit.train",
+    "slots": "lorakit.runtime.slots",
     "tiny_pipeline": "lorakit.pipelines",
     "validate": "lorakit.ops",
 }
@@ -76,6 +77,7 @@ __all__ = [
     "merge",
     "resize",
     "save",
+    "slots",
     "split",
     "tiny_pipeline",
     "train",

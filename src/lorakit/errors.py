@@ -21,6 +21,7 @@ keeps working::
     ├── DeviceError (ValueError)            a device / dtype / offload choice this machine cannot run
     ├── DatasetError (ValueError)           a training data set with no usable sample (or unreadable)
     ├── ShapeMismatchError (ValueError)     a delta does not fit its target tensor
+    ├── SlotError (ValueError)              a LoRA does not fit the prepared adapter slots (rank, target, slot)
     ├── UnknownFamilyError (KeyError)       a model family / variant name lorakit does not know
     ├── PatchOrderError (RuntimeError)      a patch removed while a later one on the model is active
     ├── ConcurrentPatchError (RuntimeError) another thread is applying/removing a patch on the same model
@@ -49,6 +50,7 @@ __all__ = [
     "PatchOrderError",
     "RankMismatchError",
     "ShapeMismatchError",
+    "SlotError",
     "SourceNotFoundError",
     "TaskInputError",
     "UnknownFamilyError",
@@ -104,6 +106,11 @@ class MatchError(LorakitError, ValueError):
 
 class ShapeMismatchError(LorakitError, ValueError):
     """A delta's shape does not fit the tensor it targets."""
+
+
+class SlotError(LorakitError, ValueError):
+    """A LoRA does not fit the prepared adapter slots (rank above the capacity, a target outside the prepared
+    set, a slot or row that does not exist); the slot keeps what it held."""
 
 
 class UnknownFamilyError(LorakitError, KeyError):
