@@ -20,6 +20,7 @@ keeps working::
     │   └── MissingInputError               a required input is missing (image-to-video without an image)
     ├── DeviceError (ValueError)            a device / dtype / offload choice this machine cannot run
     ├── ShapeMismatchError (ValueError)     a delta does not fit its target tensor
+    ├── SlotError (ValueError)              a LoRA does not fit the prepared adapter slots (rank, target, slot)
     ├── UnknownFamilyError (KeyError)       a model family / variant name lorakit does not know
     ├── PatchOrderError (RuntimeError)      a patch removed while a later one on the model is active
     ├── ConcurrentPatchError (RuntimeError) another thread is applying/removing a patch on the same model
@@ -47,6 +48,7 @@ __all__ = [
     "PatchOrderError",
     "RankMismatchError",
     "ShapeMismatchError",
+    "SlotError",
     "SourceNotFoundError",
     "TaskInputError",
     "UnknownFamilyError",
@@ -102,6 +104,11 @@ class MatchError(LorakitError, ValueError):
 
 class ShapeMismatchError(LorakitError, ValueError):
     """A delta's shape does not fit the tensor it targets."""
+
+
+class SlotError(LorakitError, ValueError):
+    """A LoRA does not fit the prepared adapter slots (rank above the capacity, a target outside the prepared
+    set, a slot or row that does not exist); the slot keeps what it held."""
 
 
 class UnknownFamilyError(LorakitError, KeyError):
