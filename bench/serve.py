@@ -1,5 +1,10 @@
-"""Bounded load run of ``lorakit serve`` on loopback: tiny model, small images, mixed LoRA stacks; prints
-throughput, p50/p99 latency, LoRA swaps, batches and errors.  Usage: python bench/serve.py [--requests 200]
+"""Bounded load run of ``lorakit serve`` on loopback: tiny model, small images, 8 clients over 5 LoRA stacks;
+the two scheduling policies side by side in interleaved rounds (``swap``: one fused stack per call, wave 1;
+``auto``: mixed-LoRA batches through adapter slots unless a stack is hot). Prints per policy the median and
+spread of throughput, p50/p99 latency, swaps, images per call and mixed calls, and the auto/swap throughput ratio.
+Exits 3 on a busy machine (``--allow-busy`` prints figures tagged BUSY).
+
+Usage: python bench/serve.py [--requests 200] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -8,6 +13,7 @@ import argparse
 import random
 import socket
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -20,6 +26,9 @@ import uvicorn
 import lorakit
 from lorakit.io import write_tensors
 from lorakit.server.app import Settings, create_app
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import check_quiet, ratio, spread  # noqa: E402
 
 NAMES = ("ink", "neon", "clay", "film")
 
@@ -36,19 +45,9 @@ def write_loras(folder: Path, pipe) -> None:
         write_tensors(sd, folder / f"{name}.safetensors")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--requests", type=int, default=200)
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--max-batch", type=int, default=4)
-    args = parser.parse_args()
-
-    pipe = lorakit.tiny_pipeline(0)
-    folder = Path(tempfile.mkdtemp(prefix="lorakit-bench-"))
-    write_loras(folder, pipe)
-    app = create_app(Settings(lora_dir=str(folder), pipe=pipe, max_batch=args.max_batch, max_queue=256))
+def one_run(pipe, folder: Path, args, batching: str) -> dict:
+    app = create_app(Settings(lora_dir=str(folder), pipe=pipe, max_batch=args.max_batch, max_queue=256,
+                              batching=batching))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -67,7 +66,7 @@ def main() -> None:
     lock = threading.Lock()
 
     def client(k: int) -> None:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300) as c:
             for i in range(k, args.requests, args.clients):
                 req = {"prompt": f"bench {i % 7}", "seed": i, "steps": args.steps, "width": args.size,
                        "height": args.size, "loras": plan[i]}
@@ -89,16 +88,45 @@ def main() -> None:
     worker = app.state.worker
     server.should_exit = True
     thread.join(10)
-
     q = statistics.quantiles(latencies, n=100)
-    print(f"requests        {args.requests} ({args.clients} clients, {args.size}x{args.size}, {args.steps} steps, "
-          f"5 stacks, max_batch {args.max_batch})")
-    print(f"wall            {wall:.2f} s")
-    print(f"throughput      {args.requests / wall:.2f} req/s")
-    print(f"latency p50     {q[49] * 1000:.0f} ms")
-    print(f"latency p99     {q[98] * 1000:.0f} ms")
-    print(f"lora swaps      {worker.swaps}")
-    print(f"pipeline calls  {worker.calls} ({args.requests / max(worker.calls, 1):.2f} images/call)")
+    return {"rps": args.requests / wall, "p50": q[49], "p99": q[98], "swaps": worker.swaps,
+            "per_call": args.requests / max(worker.calls, 1), "mixed": worker.mixed_calls, "errors": errors}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--max-batch", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--allow-busy", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    tag = check_quiet(args.allow_busy)
+
+    pipe = lorakit.tiny_pipeline(0)
+    folder = Path(tempfile.mkdtemp(prefix="lorakit-bench-"))
+    write_loras(folder, pipe)
+    runs: dict[str, list[dict]] = {"swap": [], "auto": []}
+    for r in range(args.rounds):
+        order = ("swap", "auto") if r % 2 == 0 else ("auto", "swap")
+        for batching in order:
+            runs[batching].append(one_run(pipe, folder, args, batching))
+            print(f"round {r + 1} {batching}: {runs[batching][-1]['rps']:.2f} req/s", flush=True)
+    tag = tag or check_quiet(args.allow_busy, "end")
+    print(f"\n{args.requests} requests, {args.clients} clients, {args.size}x{args.size}, {args.steps} steps, "
+          f"5 stacks, max_batch {args.max_batch}, {args.rounds} interleaved rounds, {args.threads} torch threads{tag}")
+    print(f"{'':16}{'swap (wave 1)':>26}{'auto (mixed batches)':>28}")
+    rows = [("req/s", "rps", 2, ""), ("latency p50", "p50", 2, "s"), ("latency p99", "p99", 2, "s"),
+            ("swaps", "swaps", 0, ""), ("images/call", "per_call", 2, ""), ("mixed calls", "mixed", 0, "")]
+    for label, key, digits, unit in rows:
+        cells = [spread([float(x[key]) for x in runs[p]], unit, digits) for p in ("swap", "auto")]
+        print(f"{label:16}{cells[0]:>26}{cells[1]:>28}")
+    print(f"auto / swap req/s: {ratio([x['rps'] for x in runs['auto']], [x['rps'] for x in runs['swap']])}{tag}")
+    errors = [e for p in runs.values() for x in p for e in x["errors"]]
     print(f"errors          {len(errors)}" + (f"  first: {errors[0]}" if errors else ""))
 
 

@@ -88,6 +88,11 @@ def _orgs(value: str | None) -> tuple[str, ...] | None:
               help="Video models: frames when a request names none [default: the pipeline's].")
 @click.option("--max-input-mb", default=16.0, show_default=True, type=click.FloatRange(0, min_open=True),
               help="Size cap of a request's conditioning image or video.")
+@click.option("--batching", default="auto", show_default=True, type=click.Choice(["auto", "swap"]),
+              help="auto: requests with different LoRAs share one call through adapter slots when no stack is hot; "
+                   "swap: one fused stack per call (remove and re-fuse between stacks).")
+@click.option("--slots", "n_slots", default=8, show_default=True, type=click.IntRange(0),
+              help="Adapter slots for mixed batches (0: swap only).")
 @click.option("--ray", "use_ray", is_flag=True, help="Serve on Ray Serve with LoRA-stack multiplexing.")
 @click.option("--replicas", default=2, show_default=True, type=click.IntRange(1), help="Ray Serve replicas.")
 def serve_cmd(model: str, lora_dir: str, host: str, port: int, api_key: str | None, api_key_file: str | None,
@@ -95,7 +100,7 @@ def serve_cmd(model: str, lora_dir: str, host: str, port: int, api_key: str | No
               allow_hub: str | None, request_timeout: float, max_pixel_steps: int | None, upload_timeout: float,
               header_timeout_s: float, keep_alive_s: int, limit_concurrency: int, cache_mb: float, device: str,
               dtype: str, offload: str, max_frames: int, default_frames: int | None, max_input_mb: float,
-              use_ray: bool, replicas: int) -> None:
+              batching: str, n_slots: int, use_ray: bool, replicas: int) -> None:
     """Serve image and video generation with stacks of LoRAs over HTTP (the model's task: text-to-image,
     image-to-video, Video2World, ...)."""
     from lorakit.server.app import Settings
@@ -106,6 +111,7 @@ def serve_cmd(model: str, lora_dir: str, host: str, port: int, api_key: str | No
         cache_mb=cache_mb, allow_hub=_orgs(allow_hub), request_timeout=request_timeout,
         max_pixel_steps=max_pixel_steps, upload_timeout_s=upload_timeout, device=device, dtype=dtype,
         offload=offload, max_frames=max_frames, default_frames=default_frames, max_input_mb=max_input_mb,
+        batching=batching, slots=n_slots,
     )
     if use_ray:
         from lorakit.server.ray_app import run_ray

@@ -33,6 +33,20 @@ def _load_pipeline(settings: Settings) -> Any:
     return place_pipeline(load_pipeline(settings.model, dtype=dtype), device, dtype, settings.offload)
 
 
+def _catalogue(registry: Registry) -> Any:
+    """The parsed valid LoRAs of the folder: what the worker prepares its adapter slots for."""
+
+    def read() -> list[Any]:
+        out = []
+        for info in registry.list():
+            if info.get("valid"):
+                sha, path = registry.resolve(info["name"])
+                out.append(registry.get(sha, path))
+        return out
+
+    return read
+
+
 class _RemoteWorker:
     """Stand-in for the local worker when jobs run elsewhere (Ray): nothing queued or fused here."""
 
@@ -76,7 +90,8 @@ def create_app(settings: Settings) -> FastAPI:
         pipe = settings.pipe if settings.pipe is not None else _load_pipeline(settings)
         task = infer_task(pipe)
         worker: Any = Worker(pipe, metrics, max_queue=settings.max_queue, max_batch=settings.max_batch,
-                             max_wait_s=settings.max_wait_s, progress=progress)
+                             max_wait_s=settings.max_wait_s, progress=progress, batching=settings.batching,
+                             slots=settings.slots, catalogue=_catalogue(registry))
         progress.position = worker.position
     else:
         worker = _RemoteWorker(settings.backend)

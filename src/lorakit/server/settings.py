@@ -48,6 +48,9 @@ class Settings:
     default_frames: int | None = None
     # Conditioning inputs (image / video in a generate request): decoded size cap in MB.
     max_input_mb: float = 16.0
+    # Scheduling: "auto" runs mixed-LoRA batches through adapter slots when no stack is hot; "swap" fuses only.
+    batching: str = "auto"
+    slots: int = 8  # adapter slots for mixed batches (0: swap only)
 
 
 class LoraRef(BaseModel):

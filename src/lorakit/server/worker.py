@@ -1,5 +1,12 @@
 """One worker thread owns the pipeline: a bounded queue, a scheduler that groups requests by LoRA stack
 (fewest swaps) and batches same-stack, same-shape requests into one pipeline call with per-request seeds.
+
+With ``batching="auto"`` (the default) the scheduler also runs *mixed* batches: when the waiting requests want
+different LoRAs and no stack is hot, up to ``max_batch`` of them run in one call, each row through its own adapter
+slot (:func:`lorakit.slots`: padded buffers, per-row gather + bmm), with the base weights unfused. A hot stack (at
+least ``max_batch`` requests waiting for it) keeps the fused path, which costs nothing per forward. Requests whose
+stack has more than one LoRA, or whose LoRA does not fit a slot, and conditioned requests always go fused.
+``batching="swap"`` is the wave-1 policy: fused only.
 """
 
 from __future__ import annotations
@@ -52,6 +59,14 @@ class Job:
     deadline: float | None = None  # time.monotonic() after which the job is dropped from the queue (504)
     future: Future = dataclasses.field(default_factory=Future)
 
+    def shape_key(self) -> tuple[Any, ...]:
+        # what rows of one call must share, whatever their LoRAs
+        return (self.width, self.height, self.steps, self.guidance_scale, self.num_frames, self.video_task)
+
+    def mixable(self) -> bool:
+        """Whether this job can be one row of a mixed batch: at most one LoRA, no conditioning input."""
+        return len(self.stack) <= 1 and self.image is None and self.video is None
+
     def batch_key(self) -> tuple[Any, ...]:
         # Requests may share one pipeline call only if everything but prompt/seed is equal; a conditioned
         # request (its own image or video) always runs alone.
@@ -91,9 +106,22 @@ class Worker:
         max_wait_s: float = 5.0,
         apply: Callable[..., Any] | None = None,
         progress: Any = None,
+        batching: str = "auto",
+        slots: int = 8,
+        catalogue: Callable[[], list[Any]] | None = None,
     ) -> None:
+        if batching not in ("auto", "swap"):
+            raise ValueError(f"batching must be 'auto' or 'swap', got {batching!r}")
         self.pipe = pipe
         self.progress = progress
+        self.batching = batching if slots > 0 else "swap"
+        self.n_slots = slots
+        #: the LoRAs the slots are prepared for (their targets and ranks), read when the first mixed batch runs
+        self._catalogue = catalogue
+        self._slots: Any = None
+        self._slot_of: dict[tuple[str, float], int] = {}  # (sha, strength) -> slot, most recently used last
+        self._unslottable: set[tuple[str, float]] = set()
+        self.mixed_calls = 0
         self.metrics = metrics
         self.max_queue = max_queue
         self.max_batch = max_batch
@@ -144,6 +172,9 @@ class Worker:
         if self._patch is not None:
             self._patch.remove()
             self._patch = None
+        if self._slots is not None:
+            self._slots.close()
+            self._slots = None
 
     # ---- scheduling ------------------------------------------------------------------------------
     def _purge(self) -> None:
@@ -160,10 +191,35 @@ class Worker:
             keep.append(j)
         self._queue[:] = keep
 
+    def _mixed_batch(self, oldest: Job, starving: bool) -> list[Job] | None:
+        """A mixed batch when the queue calls for one (caller holds the lock): no stack is hot (fewer than
+        ``max_batch`` requests wait for any one stack) and at least two different slot-able stacks of one shape
+        wait; led by the oldest such request. ``None``: use the fused path."""
+        if self.batching != "auto":
+            return None
+        counts: dict[Stack, int] = {}
+        for j in self._queue:
+            counts[j.stack] = counts.get(j.stack, 0) + 1
+        if max(counts.values()) >= self.max_batch and not starving:
+            return None  # a hot stack: fused, zero overhead per forward
+        ok = [j for j in self._queue if j.mixable() and not (j.stack and j.stack[0] in self._unslottable)]
+        if not ok or (starving and oldest not in ok):
+            return None
+        lead = oldest if starving else ok[0]
+        group = [j for j in ok if j.shape_key() == lead.shape_key()][: self.max_batch]
+        if len({j.stack for j in group}) < 2:
+            return None
+        return group
+
     def _take_batch(self) -> list[Job]:
         """Pick the next batch (caller holds the lock and the queue is not empty)."""
         oldest = self._queue[0]
         starving = time.monotonic() - oldest.enqueued > self.max_wait_s
+        mixed = self._mixed_batch(oldest, starving)
+        if mixed is not None:
+            for j in mixed:
+                self._queue.remove(j)
+            return [j for j in mixed if j.future.set_running_or_notify_cancel()]
         same = [j for j in self._queue if j.stack == self.current]
         if starving:
             lead = oldest
@@ -233,9 +289,81 @@ class Worker:
         self.swaps += 1
         self.metrics.observe_swap()
 
+    def _unfuse(self) -> None:
+        if self._patch is not None:
+            self._patch.remove()
+            self._patch = None
+        self.current = ()
+
+    def _ensure_slots(self) -> Any:
+        if self._slots is None:
+            import lorakit
+
+            # plain low-rank LoRAs only: the other adapter types are served fused
+            files = [lo for lo in (self._catalogue() if self._catalogue is not None else [])
+                     if set(lo.adapter_types()) == {"lora"} and not any(layer.dora for layer in lo)]
+            if not files:
+                raise RuntimeError("no LoRA catalogue to prepare slots from")
+            self._slots = lorakit.slots(self.pipe, k=self.n_slots, files=files)
+        return self._slots
+
+    def _rows(self, batch: list[Job]) -> list[int] | None:
+        """The slot of each job of a mixed batch (loading LoRAs into free or least recently used slots), or
+        ``None`` when one does not fit a slot: that stack is then served fused from now on."""
+        slots = self._ensure_slots()
+        wanted = {j.stack[0] for j in batch if j.stack}
+        rows = []
+        for j in batch:
+            if not j.stack:
+                rows.append(-1)
+                continue
+            key = j.stack[0]
+            if key not in self._slot_of:
+                used = set(self._slot_of.values())
+                free = [i for i in range(self.n_slots) if i not in used]
+                if free:
+                    slot = free[0]
+                else:  # evict the least recently used slot this batch does not need
+                    old = next(k for k in self._slot_of if k not in wanted)
+                    slot = self._slot_of.pop(old)
+                try:
+                    slots.load(slot, j.loras[0][0], strength=j.loras[0][1])
+                except Exception:  # noqa: BLE001 - a LoRA slots cannot hold (type, rank, targets) goes fused
+                    self._unslottable.add(key)
+                    return None
+                self._slot_of[key] = slot
+            else:
+                self._slot_of[key] = self._slot_of.pop(key)  # most recently used last
+            rows.append(self._slot_of[key])
+        return rows
+
     def _generate(self, batch: list[Job]) -> list[bytes]:
         first = batch[0]
+        if len({j.stack for j in batch}) > 1:
+            return self._generate_mixed(batch)
         self._switch(first)
+        return self._call(batch)
+
+    def _generate_mixed(self, batch: list[Job]) -> list[bytes]:
+        self._unfuse()
+        try:
+            rows = self._rows(batch)
+        except Exception:  # noqa: BLE001 - slots cannot be prepared on this model: fused only from now on
+            self.batching, rows = "swap", None
+        if rows is None:  # run each stack fused instead
+            out: dict[int, bytes] = {}
+            for stack in dict.fromkeys(j.stack for j in batch):
+                part = [j for j in batch if j.stack == stack]
+                self._switch(part[0])
+                out.update(zip(map(id, part), self._call(part)))
+            return [out[id(j)] for j in batch]
+        with self._slots.rows(rows):
+            result = self._call(batch)
+        self.mixed_calls += 1
+        return result
+
+    def _call(self, batch: list[Job]) -> list[bytes]:
+        first = batch[0]
 
         def on_step(step: int) -> None:
             for j in batch:
