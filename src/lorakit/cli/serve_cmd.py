@@ -44,6 +44,34 @@ def _orgs(value: str | None) -> tuple[str, ...] | None:
     return None if value is None else tuple(o.strip() for o in value.split(",") if o.strip())
 
 
+_MODEL_OPTIONS = [
+    click.option("--device", default="auto", show_default=True,
+                 help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps, as in `lorakit generate`."),
+    click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
+                 help="auto: bf16 on CUDA where supported, else fp32."),
+    click.option("--offload", default="none", show_default=True, type=click.Choice(["none", "model", "sequential"]),
+                 help="diffusers' CPU offload, for models larger than the GPU."),
+    click.option("--max-frames", default=129, show_default=True, type=click.IntRange(1),
+                 help="Video models: the most frames one request may ask for (more: 422)."),
+    click.option("--default-frames", default=None, type=click.IntRange(1),
+                 help="Video models: frames when a request names none [default: the pipeline's]."),
+    click.option("--max-input-mb", default=16.0, show_default=True, type=click.FloatRange(0, min_open=True),
+                 help="Size cap of a request's conditioning image or video."),
+    click.option("--batching", default="auto", show_default=True, type=click.Choice(["auto", "swap"]),
+                 help="auto: requests with different LoRAs share one call through adapter slots when no stack is "
+                      "hot; swap: one fused stack per call (remove and re-fuse between stacks)."),
+    click.option("--slots", "n_slots", default=8, show_default=True, type=click.IntRange(0),
+                 help="Adapter slots for mixed batches (0: swap only)."),
+]
+
+
+def _model_options(fn):
+    """The device, video and batching options (their values reach ``serve_cmd`` as keyword arguments)."""
+    for option in reversed(_MODEL_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
 @click.command("serve")
 @click.option("--model", default="tiny", show_default=True, help="'tiny' or a local diffusers pipeline folder.")
 @click.option("--lora-dir", required=True, type=click.Path(file_okay=False), help="Folder of .safetensors LoRAs.")
@@ -76,31 +104,14 @@ def _orgs(value: str | None) -> tuple[str, ...] | None:
               help="Open connections plus running requests before uvicorn answers 503.")
 @click.option("--cache-mb", default=512.0, show_default=True, type=click.FloatRange(0, min_open=True),
               help="Byte budget of the parsed-LoRA LRU cache.")
-@click.option("--device", default="auto", show_default=True,
-              help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps, as in `lorakit generate`.")
-@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
-              help="auto: bf16 on CUDA where supported, else fp32.")
-@click.option("--offload", default="none", show_default=True, type=click.Choice(["none", "model", "sequential"]),
-              help="diffusers' CPU offload, for models larger than the GPU.")
-@click.option("--max-frames", default=129, show_default=True, type=click.IntRange(1),
-              help="Video models: the most frames one request may ask for (more: 422).")
-@click.option("--default-frames", default=None, type=click.IntRange(1),
-              help="Video models: frames when a request names none [default: the pipeline's].")
-@click.option("--max-input-mb", default=16.0, show_default=True, type=click.FloatRange(0, min_open=True),
-              help="Size cap of a request's conditioning image or video.")
-@click.option("--batching", default="auto", show_default=True, type=click.Choice(["auto", "swap"]),
-              help="auto: requests with different LoRAs share one call through adapter slots when no stack is hot; "
-                   "swap: one fused stack per call (remove and re-fuse between stacks).")
-@click.option("--slots", "n_slots", default=8, show_default=True, type=click.IntRange(0),
-              help="Adapter slots for mixed batches (0: swap only).")
+@_model_options
 @click.option("--ray", "use_ray", is_flag=True, help="Serve on Ray Serve with LoRA-stack multiplexing.")
 @click.option("--replicas", default=2, show_default=True, type=click.IntRange(1), help="Ray Serve replicas.")
 def serve_cmd(model: str, lora_dir: str, host: str, port: int, api_key: str | None, api_key_file: str | None,
               max_queue: int, max_batch: int, allow_upload: bool, max_upload_mb: float, max_body_kb: float,
               allow_hub: str | None, request_timeout: float, max_pixel_steps: int | None, upload_timeout: float,
-              header_timeout_s: float, keep_alive_s: int, limit_concurrency: int, cache_mb: float, device: str,
-              dtype: str, offload: str, max_frames: int, default_frames: int | None, max_input_mb: float,
-              batching: str, n_slots: int, use_ray: bool, replicas: int) -> None:
+              header_timeout_s: float, keep_alive_s: int, limit_concurrency: int, cache_mb: float, use_ray: bool,
+              replicas: int, **model_options: object) -> None:
     """Serve image and video generation with stacks of LoRAs over HTTP (the model's task: text-to-image,
     image-to-video, Video2World, ...)."""
     from lorakit.server.app import Settings
@@ -109,9 +120,8 @@ def serve_cmd(model: str, lora_dir: str, host: str, port: int, api_key: str | No
         lora_dir=lora_dir, model=model, api_key=read_api_key(api_key, api_key_file), max_queue=max_queue,
         max_batch=max_batch, allow_upload=allow_upload, max_upload_mb=max_upload_mb, max_body_kb=max_body_kb,
         cache_mb=cache_mb, allow_hub=_orgs(allow_hub), request_timeout=request_timeout,
-        max_pixel_steps=max_pixel_steps, upload_timeout_s=upload_timeout, device=device, dtype=dtype,
-        offload=offload, max_frames=max_frames, default_frames=default_frames, max_input_mb=max_input_mb,
-        batching=batching, slots=n_slots,
+        max_pixel_steps=max_pixel_steps, upload_timeout_s=upload_timeout,
+        **{("slots" if k == "n_slots" else k): v for k, v in model_options.items()},  # type: ignore[arg-type]
     )
     if use_ray:
         from lorakit.server.ray_app import run_ray

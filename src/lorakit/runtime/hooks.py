@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..adapters import LoRAWeights
 from ..errors import PatchOrderError, UnsupportedAdapterError
 from ..families import Target
 from ..model import Layer
@@ -109,9 +110,30 @@ def make_branch(layer: Layer, target: Target, module: nn.Module, base: torch.Ten
     if adapter is None and bias is None:
         raise UnsupportedAdapterError(f"{layer.name}: nothing to apply in hook mode ({', '.join(layer.kinds)})")
     bias_cache: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+    # A LoRA's factors moved once per (dtype, device) the module runs in: at apply time for the module's own
+    # weight, again only when the module moves (CPU offload moves it to the GPU for its forward); a forward never
+    # copies factors. At most two copies are kept (offload alternates between two devices). Other adapters cache
+    # their materialised delta per (dtype, device) themselves (WeightAdapter.delta_output).
+    casts: dict[tuple[torch.dtype, torch.device], Any] = {}
+
+    def cast(dtype: torch.dtype, device: torch.device) -> Any:
+        if not isinstance(adapter, LoRAWeights):
+            return adapter
+        key = (dtype, device)
+        hit = casts.get(key)
+        if hit is None:
+            if len(casts) >= 2:
+                casts.clear()
+            hit = casts[key] = adapter.to(dtype=dtype, device=device)
+        return hit
+
+    weight = getattr(module, "weight", None)
+    if adapter is not None and isinstance(weight, torch.Tensor) and weight.is_floating_point() \
+            and weight.device.type != "meta":
+        cast(weight.dtype, weight.device)
 
     def branch(x: torch.Tensor) -> torch.Tensor:
-        h = None if adapter is None else adapter.delta_output(x, module)
+        h = None if adapter is None else cast(x.dtype, x.device).delta_output(x, module)
         if bias is not None:
             key = (x.dtype, x.device)
             b = bias_cache.get(key)
