@@ -23,7 +23,7 @@ def kohya_file(tmp_path):
         "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.randn(8, 32, generator=g),
         "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.randn(64, 8, generator=g),
         "lora_te_text_model_encoder_layers_0_mlp_fc1.alpha": torch.tensor(4.0),
-        "x.oft_blocks": torch.randn(2, 2, 2, generator=g),
+        "x.oft_blocks": torch.randn(2, 2, 2, 2, generator=g),  # BOFT: recognised, unsupported
     }
     path = tmp_path / "style.safetensors"
     save_file(state, str(path), metadata={"ss_network_dim": "4"})
@@ -49,7 +49,7 @@ def test_inspect_human_table_lists_unloaded_keys(kohya_file):
     result = CliRunner().invoke(cli, ["inspect", str(kohya_file)])
     assert result.exit_code == 0, result.output
     assert "kohya" in result.output and "lora=2" in result.output
-    assert "x.oft_blocks: OFT/BOFT" in result.output
+    assert "x.oft_blocks: BOFT" in result.output
 
 
 def test_convert_kohya_to_peft_and_back_keeps_every_delta(kohya_file, tmp_path):

@@ -9,7 +9,8 @@ import dataclasses
 
 __all__ = [
     "CHECKPOINT_PREFIXES", "KOHYA_PREFIX", "KOHYA_SINGLE_TE", "KOHYA_TRANSFORMER", "MODULE_HEADS", "NATIVE_PREFIX",
-    "PEFT_COMPONENT", "PEFT_PREFIX", "PEFT_TRANSFORMER", "PREFIXES", "SUFFIXES", "UNSUPPORTED_SUFFIXES", "WRAPPERS",
+    "PEFT_COMPONENT", "PEFT_PREFIX", "PEFT_TRANSFORMER", "PREFIXES", "SIBLING_FIELDS", "SUFFIXES", "UNSUPPORTED_BY_DIM",
+    "UNSUPPORTED_SUFFIXES", "WRAPPERS",
     "Prefix", "Suffix", "kohya_name", "kohya_prefix", "peft_prefix",
 ]
 
@@ -172,16 +173,31 @@ _SUFFIX_ROWS = [
     (".diff", "diff", "lycoris"),
     (".w_norm", "w_norm", "lycoris"),
     (".b_norm", "b_norm", "lycoris"),
+    # LyCORIS diag-OFT (constraint in ".alpha") and (IA)^3 (its vector is a bare ".weight": see SIBLING_FIELDS)
+    (".oft_blocks", "oft_blocks", "lycoris"),
+    (".rescale", "rescale", "lycoris"),
+    (".on_input", "on_input", "lycoris"),
 ]
 SUFFIXES: tuple[Suffix, ...] = tuple(
     Suffix(t, f, c) for t, f, c in sorted(_SUFFIX_ROWS, key=lambda r: -len(r[0]))
 )
 
+#: suffixes too generic to name a field on their own: suffix -> (sibling suffix, field). The key is that field
+#: only when the same module also has the sibling key; otherwise it stays unknown. LyCORIS (IA)^3 saves its
+#: vector as ``<module>.weight`` beside the ``<module>.on_input`` flag.
+SIBLING_FIELDS: dict[str, tuple[str, str]] = {
+    ".weight": (".on_input", "ia3_weight"),
+}
+
+#: recognised adapter types lorakit cannot compute yet, told apart from a supported one by the dimension of one
+#: tensor: suffix -> (dimension, adapter name). LyCORIS BOFT saves ``oft_blocks [m, k, b, b]`` (butterfly
+#: factors) under diag-OFT's names (``oft_blocks [k, b, b]``).
+UNSUPPORTED_BY_DIM: dict[str, tuple[int, str]] = {
+    ".oft_blocks": (4, "BOFT (butterfly OFT, 4-D oft_blocks)"),
+}
+
 #: recognised adapter types lorakit cannot compute yet: suffix -> adapter name
 UNSUPPORTED_SUFFIXES: dict[str, str] = {
-    ".oft_blocks": "OFT/BOFT",
-    ".rescale": "OFT/BOFT",
-    ".on_input": "(IA)^3",
     ".a1.weight": "GLoRA",
     ".a2.weight": "GLoRA",
     ".b1.weight": "GLoRA",

@@ -25,7 +25,16 @@ from ..adapters import DoRA, adapter_for_fields
 from ..errors import FormatError, LorakitError, NonFiniteError, UnknownFormatError, UnsupportedAdapterError
 from ..io import read_tensors, resolve_source
 from ..model import Layer, LoadReport, LoRA
-from .conventions import PEFT_COMPONENT, PEFT_TRANSFORMER, PREFIXES, SUFFIXES, UNSUPPORTED_SUFFIXES, WRAPPERS
+from .conventions import (
+    PEFT_COMPONENT,
+    PEFT_TRANSFORMER,
+    PREFIXES,
+    SIBLING_FIELDS,
+    SUFFIXES,
+    UNSUPPORTED_BY_DIM,
+    UNSUPPORTED_SUFFIXES,
+    WRAPPERS,
+)
 from .peft_folder import (
     cloneofsimo_message,
     config_metadata,
@@ -50,6 +59,17 @@ def split_key(key: str) -> tuple[str, str, str] | None:
     for suffix in SUFFIXES:
         if key.endswith(suffix.text) and len(key) > len(suffix.text):
             return key[: -len(suffix.text)], suffix.field, suffix.convention
+    return None
+
+
+def _sibling_field(key: str, keys: Mapping[str, object]) -> tuple[str, str, str] | None:
+    """``(module name, field, "lycoris")`` for a generic suffix whose sibling key is present (LyCORIS (IA)^3's
+    ``x.weight`` beside ``x.on_input``); ``None`` otherwise, so a lone ``x.weight`` stays unknown."""
+    for suffix, (sibling, field) in SIBLING_FIELDS.items():
+        if key.endswith(suffix) and len(key) > len(suffix):
+            stem = key[: -len(suffix)]
+            if stem + sibling in keys:
+                return stem, field, "lycoris"
     return None
 
 
@@ -266,6 +286,10 @@ def _unsupported_stems(tensors: Mapping[str, torch.Tensor], report: LoadReport) 
             if key.endswith(suffix):
                 stems[key[: -len(suffix)]] = kind
                 break
+        for suffix, (dim, kind) in UNSUPPORTED_BY_DIM.items():
+            value = tensors[key]
+            if key.endswith(suffix) and isinstance(value, torch.Tensor) and value.dim() == dim:
+                stems[key[: -len(suffix)]] = kind
     return stems
 
 
@@ -287,7 +311,7 @@ def _group_keys(
         if stem is not None:
             report.unsupported[key] = f"{unsupported_stems[stem]} is recognised but not supported yet"
             continue
-        parts = split_key(key)
+        parts = _sibling_field(key, tensors) or split_key(key)
         if parts is None:
             hit = saved_module_field(key, saved)  # PEFT modules_to_save: full replacement weights
             if hit is None:
@@ -315,6 +339,12 @@ def _build_layers(
         keys = tuple(sorted(group_keys[name]))
         try:
             layer = _build_layer(name, fields, keys, peft_cfg)
+        except UnsupportedAdapterError as exc:  # a recognised adapter lorakit cannot compute (not a broken file)
+            if strict:
+                raise type(exc)(f"{exc}{where}") from exc
+            for key in keys:
+                report.unsupported[key] = str(exc)
+            continue
         except LorakitError as exc:
             if strict:
                 raise type(exc)(f"{exc}{where}") from exc
@@ -366,6 +396,7 @@ def _build_layer(name: str, fields: dict[str, torch.Tensor], keys: tuple[str, ..
             alpha = _peft_alpha(peft_cfg.get(component) or peft_cfg.get(None), path, weight.rank)
             if alpha is not None:
                 weight = dataclasses.replace(weight, alpha=alpha)
+        _check_on_input(name, fields.get("on_input"))
     elif "alpha" in fields and len(fields) == 1:
         raise FormatError(f"{name}.alpha has no adapter weights beside it (missing lora_down/lora_up)")
     dora = None
@@ -386,6 +417,16 @@ def _build_layer(name: str, fields: dict[str, torch.Tensor], keys: tuple[str, ..
         name=name, component=component, path=path, flat=flat, weight=weight, bias=bias, dora=dora,
         params=params, keys=keys, bias_key=bias_key,
     )
+
+
+def _check_on_input(name: str, flag: torch.Tensor | None) -> None:
+    """LyCORIS (IA)^3's ``on_input`` is one 0/1 flag (1: the vector scales input columns)."""
+    if flag is None:
+        return
+    ok = flag.numel() == 1 and not flag.is_complex() and float(flag.reshape(-1)[0]) in (0.0, 1.0)
+    if not ok:
+        raise FormatError(f"{name}.on_input must be a single 0 or 1 flag ((IA)^3: 1 scales the input side), got "
+                          f"shape {tuple(flag.shape)}; the file is corrupt")
 
 
 # Fields that do not tell conventions apart (kohya, LyCORIS and diffusers' kohya export all use them).

@@ -1,0 +1,183 @@
+"""Reading LyCORIS diag-OFT and (IA)³ *files*: networks built and trained (random non-zero values) with
+lycoris-lora's own ``create_lycoris``, saved from ``LycorisNetwork.state_dict()`` to .safetensors, then loaded with
+``lorakit.load`` and applied to a fresh copy of the base model. The output equals LyCORIS' own forward, fuse and hook
+agree, ``remove`` is bit-exact. BOFT and GLoRA files are reported unsupported (not unknown), and a bare ``.weight``
+is (IA)³ only beside its ``.on_input`` flag."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+from torch import nn
+
+import lorakit
+from lorakit.cli import cli
+from lorakit.errors import FormatError, UnsupportedAdapterError
+
+lycoris = pytest.importorskip("lycoris")
+from lycoris.wrapper import LycorisNetwork  # noqa: E402
+
+# fused/hooked output vs LyCORIS' forward (fp32; observed max error ~1e-6)
+ATOL, RTOL = 1e-5, 1e-4
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = nn.Linear(16, 32)
+        self.conv = nn.Conv2d(8, 16, 3, padding=1)
+        self.fc2 = nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.fc2(torch.tanh(self.fc1(x))), self.conv(img)
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(5, 16, generator=g), torch.randn(2, 8, 6, 6, generator=g)
+
+
+@pytest.fixture(autouse=True)
+def _lycoris_class_state():
+    """``create_lycoris`` keeps its preset in class attributes: restore them after each test."""
+    saved = {k: copy.copy(getattr(LycorisNetwork, k)) for k in ("NAME_ALGO_MAP", "TARGET_REPLACE_NAME", "LORA_PREFIX")}
+    yield
+    for k, v in saved.items():
+        setattr(LycorisNetwork, k, v)
+
+
+def _network(model: nn.Module, algo: str, seed: int = 3, *, input_side: tuple[str, ...] = (), **kw):
+    """A LyCORIS network on every Linear/Conv2d of ``model``, applied (it hooks ``model``), with random trained
+    values; (IA)³ layers named in ``input_side`` scale their inputs (LyCORIS ``train_on_input``)."""
+    if input_side:
+        LycorisNetwork.NAME_ALGO_MAP = {name: {"train_on_input": True} for name in input_side}
+    net = lycoris.create_lycoris(model, 1.0, linear_dim=4, algo=algo, warn_on_unmatched=False, **kw)
+    net.apply_to()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith("rescale"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return net
+
+
+def _state(net) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
+
+
+CASES = {
+    "oft": ("diag-oft", {}, {}),
+    "oft-constrained-rescaled": ("diag-oft", {"constraint": 1e-3, "rescaled": True}, {}),  # binds: |Q| ~ 3 > 0.03
+    "ia3-output": ("ia3", {}, {}),
+    "ia3-input-fc2": ("ia3", {}, {"input_side": ("fc2",)}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_lycoris_file_loads_and_applies_like_lycoris(case, tmp_path):
+    algo, kw, extra = CASES[case]
+    base = _Net()
+    x, img = _inputs()
+    with torch.no_grad():
+        base_out = base(x, img)
+    peer = copy.deepcopy(base)
+    net = _network(peer, algo, **kw, **extra)
+    merged = {m.lora_name: m.get_merged_weight(multiplier=1.0)[0].detach() for m in net.loras}
+    with torch.no_grad():
+        peer_out = peer(x, img)
+    state = _state(net)
+    if "input_side" in extra:
+        assert int(state["lycoris_fc2.on_input"]) == 1 and int(state["lycoris_fc1.on_input"]) == 0
+    path = tmp_path / f"{case}.safetensors"
+    save_file(state, str(path))
+
+    lora = lorakit.load(path)
+    assert lora.report.ok, lora.report.problems()
+    assert not lora.report.unknown and not lora.report.unsupported and not lora.report.invalid
+    assert set(lora.report.consumed) == set(state)
+    assert lora.format == "lycoris"
+    kind = "oft" if algo == "diag-oft" else "ia3"
+    assert {layer.weight.kind for layer in lora} == {kind} and len(lora.layers) == 3
+
+    model = copy.deepcopy(base)
+    before = {k: (p.data_ptr(), p.detach().clone()) for k, p in model.named_parameters()}
+    patch = lorakit.apply(model, [(path, 1.0)], strict=True)
+    for name, want in merged.items():
+        w = getattr(model, name.removeprefix("lycoris_")).weight
+        torch.testing.assert_close(w, want.reshape(w.shape), rtol=1e-5, atol=1e-6, msg=name)
+    with torch.no_grad():
+        fused = model(x, img)
+    for a, b, c in zip(fused, peer_out, base_out):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+        assert (a - c).abs().max() > 1e-2  # the adapter changed the output
+    patch.remove()
+    assert all(p.data_ptr() == before[k][0] and torch.equal(p, before[k][1]) for k, p in model.named_parameters())
+
+    patch = lorakit.apply(model, [(path, 1.0)], mode="hook", strict=True)
+    with torch.no_grad():
+        hooked = model(x, img)
+    for a, b in zip(hooked, peer_out):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+    patch.remove()
+    assert all(torch.equal(p, before[k][1]) for k, p in model.named_parameters())
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(model(x, img), base_out))
+
+
+def test_inspect_json_shows_the_adapter_types(tmp_path):
+    oft = tmp_path / "oft.safetensors"
+    ia3 = tmp_path / "ia3.safetensors"
+    save_file(_state(_network(_Net(), "diag-oft", rescaled=True)), str(oft))
+    save_file(_state(_network(_Net(), "ia3")), str(ia3))
+    for path, kind in ((oft, "oft"), (ia3, "ia3")):
+        result = CliRunner().invoke(cli, ["inspect", str(path), "--json"])
+        assert result.exit_code == 0, result.output
+        info = json.loads(result.output)
+        assert info["adapter_types"] == {kind: 3}
+        assert info["layers"] == 3
+        assert not info["report"]["unsupported"] and not info["report"]["unknown"]
+
+
+@pytest.mark.parametrize(("algo", "reason"), [("boft", "BOFT"), ("glora", "GLoRA")])
+def test_boft_and_glora_are_reported_unsupported_not_unknown(algo, reason, tmp_path):
+    other = {k.replace("lycoris_", "lycoris_other_", 1): v for k, v in _state(_network(_Net(), algo)).items()}
+    if algo == "boft":
+        assert all(v.dim() == 4 for k, v in other.items() if k.endswith(".oft_blocks"))
+    good = _state(_network(_Net(), "diag-oft"))
+    lora = lorakit.load({**good, **other})
+    assert set(lora.report.consumed) == set(good)
+    assert set(lora.report.unsupported) == set(other)
+    assert all(reason in why and "not supported" in why for why in lora.report.unsupported.values())
+    assert not lora.report.unknown and not lora.report.invalid
+    path = tmp_path / f"{algo}.safetensors"
+    save_file(other, str(path))
+    with pytest.raises(UnsupportedAdapterError, match=reason):
+        lorakit.load(path)
+
+
+def test_bare_weight_is_ia3_only_beside_on_input():
+    state = _state(_network(_Net(), "ia3"))
+    lone = {"lycoris_fc1.weight": state.pop("lycoris_fc1.weight"), "fc9.weight": torch.randn(4, 4)}
+    state.pop("lycoris_fc1.on_input")
+    lora = lorakit.load({**state, **lone})
+    assert sorted(lora.report.unknown) == sorted(lone)
+    assert set(lora.layers) == {"lycoris_conv", "lycoris_fc2"}
+
+
+@pytest.mark.parametrize("flag", [torch.tensor(2), torch.tensor([0, 1]), torch.tensor(float("nan"))])
+def test_corrupt_on_input_flag_is_a_typed_error(flag):
+    state = _state(_network(_Net(), "ia3"))
+    state["lycoris_fc1.on_input"] = flag
+    lora = lorakit.load(state)
+    assert set(lora.report.invalid) == {"lycoris_fc1.weight", "lycoris_fc1.on_input"}
+    assert "on_input" in lora.report.invalid["lycoris_fc1.on_input"]
+    with pytest.raises(FormatError, match="lycoris_fc1"):
+        lorakit.load(state, strict=True)
