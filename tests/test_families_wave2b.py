@@ -274,3 +274,84 @@ def test_diffusers_lumina2_converters_hard_code_the_split_and_need_whole_blocks(
     lorakit.apply(ours, (lorakit.load(part, strict=True), 1.0), strict=True)
     changed = [k for k, v in ours.state_dict().items() if not torch.equal(v, model.state_dict()[k])]
     assert sorted(changed) == [f"layers.0.attn.to_{p}.weight" for p in "kqv"]
+
+
+# -- Krea 2 -----------------------------------------------------------------------------------------------------
+
+def _krea2():
+    torch.manual_seed(0)
+    model = diffusers.Krea2Transformer2DModel(
+        in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=32, timestep_embed_dim=16, text_hidden_dim=16, num_text_layers=3, text_num_attention_heads=2,
+        text_num_key_value_heads=2, text_intermediate_size=24, num_layerwise_text_blocks=1, num_refiner_text_blocks=1,
+        axes_dims_rope=(4, 2, 2))
+    return randomise(model.eval())
+
+
+def _krea2_forward(model):
+    g = torch.Generator().manual_seed(5)
+    ids = torch.zeros(4 + 9, 3)
+    ids[4:, 1], ids[4:, 2] = torch.arange(9) // 3, torch.arange(9) % 3
+    return model(hidden_states=torch.randn(1, 9, 16, generator=g), encoder_hidden_states=torch.randn(1, 4, 3, 16, generator=g),
+                 timestep=torch.tensor([0.5]), position_ids=ids).sample
+
+
+def _krea2_picks(model):
+    """Every layer of the tiny model in original names, with its size."""
+    from lorakit.families import FAMILIES
+
+    family = next(f for f in FAMILIES if f.name == "krea2")
+    mods = dict(model.named_modules())
+    return tuple((a.name, *mods[a.targets[0].module].weight.shape) for a in family.aliases("denoiser", model)
+                 if isinstance(mods[a.targets[0].module], torch.nn.Linear))
+
+
+def test_krea2_name_map_matches_diffusers_single_file_converter():
+    model = _krea2()
+    sd = model.state_dict()
+    # the original stores norms as ``.scale`` and the modulation tables as ``mod.lin`` / ``last.modulation.lin``
+    norms = ("prenorm.", "postnorm.", "qnorm.", "knorm.", "txtmlp.0.", "last.norm.")
+    orig = {(k[:-len("weight")] + "scale" if any(n in k for n in norms) else k): v
+            for k, v in original_checkpoint(model, "krea2").items()}
+    for i in range(2):
+        orig[f"blocks.{i}.mod.lin"] = sd[f"transformer_blocks.{i}.scale_shift_table"].flatten()
+    orig["last.modulation.lin"] = sd["final_layer.scale_shift_table"]
+    converted = sfu.convert_krea2_transformer_checkpoint_to_diffusers(dict(orig))
+    assert set(converted) == set(sd)
+    assert [k for k in sd if not torch.equal(converted[k], sd[k])] == []
+
+
+@pytest.mark.parametrize("naming", ["comfyui", "aitoolkit", "kohya"])
+def test_krea2_lora_equals_diffusers_converter(naming):
+    """The reference trainer / ComfyUI (``diffusion_model.``), ai-toolkit (``base_model.model.``) and kohya
+    (``lora_unet_``) names land as diffusers' converter + PEFT place the ComfyUI file, every layer of the model."""
+    model = _krea2()
+    factors = _factors(_krea2_picks(model))
+    if naming == "aitoolkit":
+        state = {k.replace("diffusion_model.", "base_model.model."): v for k, v in _file(factors, "comfyui").items()}
+    else:
+        state = _file(factors, naming)
+    lora = lorakit.load(state, strict=True)
+    assert lora.report.ok and set(lora.report.consumed) == set(state)
+    assert detect_family(lora) == "krea2"
+    want = peer_fused(model, lcu._convert_non_diffusers_krea2_lora_to_diffusers(_file(factors, "comfyui")), 0.7)
+    assert check_against(model, lora, want, 0.7, _krea2_forward, atol=1e-5) == len(factors)
+
+
+@pinned_peer("diffusers", "0.42.1")
+def test_diffusers_krea2_loader_skips_kohya_and_rejects_alphas():
+    """diffusers 0.42.1's Krea 2 loader converts only ``diffusion_model.`` / ``base_model.model.`` files with
+    ``lora_A``/``lora_B`` keys: (1) kohya ``lora_unet_`` files (the InvokeAI fixture's naming) pass through
+    unconverted and load nothing; (2) a ComfyUI file that keeps its ``alpha`` (or ``lora_down``/``lora_up``)
+    raises ValueError. lorakit places both (above)."""
+    model = _krea2()
+    factors = _factors(_krea2_picks(model)[:2])
+    kohya = _file(factors, "kohya")
+    out = diffusers.Krea2Pipeline.lora_state_dict(dict(kohya))
+    assert set(out) == set(kohya) and not any(k.startswith("transformer.") for k in out)
+    with_alpha = {k.replace("lora_unet_blocks_0_attn_", "diffusion_model.blocks.0.attn."): v for k, v in kohya.items()}
+    with pytest.raises(ValueError, match="should be empty"):
+        lcu._convert_non_diffusers_krea2_lora_to_diffusers(dict(with_alpha))
+    ours = copy.deepcopy(model)
+    lorakit.apply(ours, (lorakit.load(with_alpha, strict=True), 1.0), strict=True)
+    assert sum(not torch.equal(v, model.state_dict()[k]) for k, v in ours.state_dict().items()) == 2

@@ -10,6 +10,7 @@ from . import flux as _flux  # noqa: F401
 from . import flux2 as _flux2  # noqa: F401
 from . import hidream as _hidream  # noqa: F401
 from . import hunyuanvideo as _hunyuanvideo  # noqa: F401
+from . import krea2 as _krea2  # noqa: F401
 from . import ltx2 as _ltx2  # noqa: F401
 from . import ltx_video as _ltx_video  # noqa: F401
 from . import lumina2 as _lumina2  # noqa: F401

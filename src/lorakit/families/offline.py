@@ -196,6 +196,11 @@ VARIANTS["lumina2"] = {"denoiser": _dit("Lumina2Transformer2DModel", sample_size
                                         num_kv_heads=8, multiple_of=256, norm_eps=1e-5, axes_dim_rope=(32, 32, 32),
                                         axes_lens=(300, 512, 512), cap_feat_dim=2304)}
 
+# krea-ai/krea-2 (= diffusers' Krea2Transformer2DModel defaults): 28 blocks, 48 query / 12 key-value heads x 128
+# (hidden 6144), SwiGLU 16384, text fusion over 12 tapped layers of a 2560-wide encoder (2 layerwise + 2 refiner
+# blocks, 20 heads, SwiGLU 6912); the InvokeAI kohya fixture's shapes (wq 6144, wk 1536, mlp 16384) are these
+VARIANTS["krea2"] = {"denoiser": _dit("Krea2Transformer2DModel")}
+
 #: family name (as :func:`lorakit.families.detect_family` returns it) -> default variant
 _FAMILY_DEFAULT = {
     "sd1": "sd15", "sd15": "sd15", "sdxl": "sdxl", "sd3": "sd3-medium", "sd3.5": "sd3.5-large",
