@@ -27,6 +27,7 @@ FAMILIES = {
     "ltx-video": ("LTXPipeline", "transformer", True, False),
     "hidream": ("HiDreamImagePipeline", "transformer", False, False),
     "lumina2": ("Lumina2Pipeline", "transformer", False, False),
+    "z-image": ("ZImagePipeline", "transformer", False, False),
 }
 
 
