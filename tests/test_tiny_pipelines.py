@@ -24,6 +24,10 @@ FAMILIES = {
     "wan-t2v": ("WanPipeline", "transformer", True, False),
     "wan-i2v": ("WanImageToVideoPipeline", "transformer", True, True),
     "cosmos": ("Cosmos2VideoToWorldPipeline", "transformer", True, True),
+    "ltx-video": ("LTXPipeline", "transformer", True, False),
+    "hidream": ("HiDreamImagePipeline", "transformer", False, False),
+    "lumina2": ("Lumina2Pipeline", "transformer", False, False),
+    "z-image": ("ZImagePipeline", "transformer", False, False),
 }
 
 

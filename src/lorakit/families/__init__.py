@@ -8,9 +8,12 @@ from . import clip as _clip  # noqa: F401
 from . import cosmos as _cosmos  # noqa: F401
 from . import flux as _flux  # noqa: F401
 from . import flux2 as _flux2  # noqa: F401
+from . import hidream as _hidream  # noqa: F401
 from . import hunyuanvideo as _hunyuanvideo  # noqa: F401
+from . import krea2 as _krea2  # noqa: F401
 from . import ltx2 as _ltx2  # noqa: F401
 from . import ltx_video as _ltx_video  # noqa: F401
+from . import lumina2 as _lumina2  # noqa: F401
 from . import qwen_image as _qwen_image  # noqa: F401
 from . import sd1 as _sd1  # noqa: F401
 from . import sd3 as _sd3  # noqa: F401

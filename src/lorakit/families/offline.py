@@ -179,6 +179,28 @@ VARIANTS.update({
     "ltx2.5": {"denoiser": _dit("LTX2VideoTransformer3DModel", **_LTX25)},
 })
 
+# -- wave 2b (fam): HiDream, Lumina 2, Krea 2; values from each release's transformer/config.json ----------------
+# HiDream-ai/HiDream-I1-Full (Dev and Fast share it): 16 double + 32 single stream blocks, 20 heads x 128, patch 2,
+# 16 latent channels, caption channels (T5-XXL, Llama-3.1-8B) 4096 and 4096, pooled CLIP-L + CLIP-G 2048, 4 routed
+# experts of which 2 are active
+VARIANTS["hidream-i1"] = {"denoiser": _dit("HiDreamImageTransformer2DModel", patch_size=2, in_channels=16,
+                                           out_channels=16, num_layers=16, num_single_layers=32,
+                                           attention_head_dim=128, num_attention_heads=20,
+                                           caption_channels=[4096, 4096], text_emb_dim=2048, num_routed_experts=4,
+                                           num_activated_experts=2, axes_dims_rope=(64, 32, 32),
+                                           max_resolution=(128, 128), llama_layers=list(range(48)))}
+# Alpha-VLLM/Lumina-Image-2.0: hidden 2304, 26 layers + 2 refiner layers, 24 query / 8 key-value heads, Gemma-2-2B
+# captions (2304)
+VARIANTS["lumina2"] = {"denoiser": _dit("Lumina2Transformer2DModel", sample_size=128, patch_size=2, in_channels=16,
+                                        hidden_size=2304, num_layers=26, num_refiner_layers=2, num_attention_heads=24,
+                                        num_kv_heads=8, multiple_of=256, norm_eps=1e-5, axes_dim_rope=(32, 32, 32),
+                                        axes_lens=(300, 512, 512), cap_feat_dim=2304)}
+
+# krea-ai/krea-2 (= diffusers' Krea2Transformer2DModel defaults): 28 blocks, 48 query / 12 key-value heads x 128
+# (hidden 6144), SwiGLU 16384, text fusion over 12 tapped layers of a 2560-wide encoder (2 layerwise + 2 refiner
+# blocks, 20 heads, SwiGLU 6912); the InvokeAI kohya fixture's shapes (wq 6144, wk 1536, mlp 16384) are these
+VARIANTS["krea2"] = {"denoiser": _dit("Krea2Transformer2DModel")}
+
 #: family name (as :func:`lorakit.families.detect_family` returns it) -> default variant
 _FAMILY_DEFAULT = {
     "sd1": "sd15", "sd15": "sd15", "sdxl": "sdxl", "sd3": "sd3-medium", "sd3.5": "sd3.5-large",
@@ -186,6 +208,7 @@ _FAMILY_DEFAULT = {
     # wave 2 image DiTs
     "flux2": "flux2-dev", "flux-kontext": "flux1-kontext-dev", "z-image": "z-image-turbo",
     "hunyuanvideo": "hunyuanvideo-t2v", "ltx-video": "ltx-video-2b",
+    "hidream": "hidream-i1",
 }
 
 #: every name ``meta_components`` accepts
