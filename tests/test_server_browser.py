@@ -30,7 +30,11 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
 def server_url(tmp_path_factory):
     pipe = lorakit.tiny_pipeline(0)
     lora_dir = make_lora_dir(tmp_path_factory.mktemp("browser_loras"), pipe, names=("alpha", "beta"))
-    app = create_app(Settings(lora_dir=str(lora_dir), pipe=pipe))
+    yield from _serve(create_app(Settings(lora_dir=str(lora_dir), pipe=pipe)))
+
+
+def _serve(app):
+    """Run ``app`` with uvicorn on a free loopback port; yield its URL, stop it afterwards."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -85,20 +89,7 @@ def i2v_url(tmp_path_factory):
 
     for i, name in enumerate(("motion", "style")):
         write_tensors(wan_lora(pipe, seed=10 + i), folder / f"{name}.safetensors")
-    app = create_app(Settings(lora_dir=str(folder), pipe=pipe, model="tiny-wan-i2v", max_frames=9))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    yield from _serve(create_app(Settings(lora_dir=str(folder), pipe=pipe, model="tiny-wan-i2v", max_frames=9)))
 
 
 def test_i2v_page_every_control_upload_and_the_video_plays(i2v_url, tmp_path):

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ._text import clip_tokenizer, t5_tokenizer
+from ._vae import tiny_vae_config
 from .sd1 import TINY_TEXT
 
 __all__ = ["TINY_T5", "TINY_TRANSFORMER", "TINY_VAE", "build_flux", "build_flux_kontext"]
@@ -28,21 +29,7 @@ TINY_TRANSFORMER: dict[str, Any] = {
     "guidance_embeds": True,
     "axes_dims_rope": (4, 6, 6),
 }
-TINY_VAE: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
-    "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
-    "block_out_channels": (16, 32),
-    "latent_channels": 4,
-    "layers_per_block": 1,
-    "norm_num_groups": 16,
-    "sample_size": 32,
-    "use_quant_conv": False,
-    "use_post_quant_conv": False,
-    "shift_factor": 0.1159,
-    "scaling_factor": 0.3611,
-}
+TINY_VAE: dict[str, Any] = tiny_vae_config(4, quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611)
 TINY_T5: dict[str, Any] = {
     "vocab_size": 961,  # t5_tokenizer
     "d_model": 32,

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ._text import clip_tokenizer
+from ._vae import tiny_vae_config
 
 __all__ = ["TINY_TEXT", "TINY_UNET", "TINY_VAE", "build"]
 
@@ -23,17 +24,7 @@ TINY_UNET: dict[str, Any] = {
     "attention_head_dim": 8,
     "norm_num_groups": 16,
 }
-TINY_VAE: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
-    "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
-    "block_out_channels": (16, 32),
-    "latent_channels": 4,
-    "layers_per_block": 1,
-    "norm_num_groups": 16,
-    "sample_size": 32,
-}
+TINY_VAE: dict[str, Any] = tiny_vae_config(4)
 TINY_TEXT: dict[str, Any] = {
     "hidden_size": 32,
     "intermediate_size": 64,

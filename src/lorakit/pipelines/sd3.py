@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ._text import clip_tokenizer, t5_tokenizer
+from ._vae import tiny_vae_config
 from .sd1 import TINY_TEXT
 
 __all__ = ["TINY_T5", "TINY_TRANSFORMER", "TINY_VAE", "build"]
@@ -28,21 +29,7 @@ TINY_TRANSFORMER: dict[str, Any] = {
     "pooled_projection_dim": 64,
     "pos_embed_max_size": 32,
 }
-TINY_VAE: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
-    "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
-    "block_out_channels": (16, 32),
-    "latent_channels": 16,
-    "layers_per_block": 1,
-    "norm_num_groups": 16,
-    "sample_size": 32,
-    "use_quant_conv": False,
-    "use_post_quant_conv": False,
-    "shift_factor": 0.0609,
-    "scaling_factor": 1.5035,
-}
+TINY_VAE: dict[str, Any] = tiny_vae_config(16, quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
 TINY_T5: dict[str, Any] = {
     "vocab_size": 961,  # t5_tokenizer
     "d_model": 64,
