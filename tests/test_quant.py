@@ -42,7 +42,11 @@ class MLP(nn.Module):
 
 
 def _has(mod: str) -> bool:
-    return importlib.util.find_spec(mod) is not None
+    """Whether ``mod`` is importable; a dotted name whose parent package is missing counts as absent."""
+    try:
+        return importlib.util.find_spec(mod) is not None
+    except ModuleNotFoundError:  # find_spec("optimum.quanto") without "optimum"
+        return False
 
 
 # -- per scheme: how to quantize a float Linear, read its raw storage, dequantize it and requantize by hand ------

@@ -26,6 +26,14 @@ from lorakit.quant import Fp8ScaledLinear, round_fp8
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
 
 
+def _has(mod: str) -> bool:
+    """Whether ``mod`` is importable; a dotted name whose parent package is missing counts as absent."""
+    try:
+        return importlib.util.find_spec(mod) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def _grid(dtype: torch.dtype) -> torch.Tensor:
     """Every finite non-negative value of ``dtype``, ascending."""
     bits = torch.arange(0, 128, dtype=torch.int16).to(torch.uint8).view(dtype).float()
@@ -140,7 +148,7 @@ BUILDERS = {"fp8-scaled": (_fp8_scaled, "torch"), "torchao-fp8": (_torchao_fp8, 
 
 def _model(name: str) -> One:
     build, needs = BUILDERS[name]
-    if importlib.util.find_spec(needs) is None:
+    if not _has(needs):
         pytest.skip(f"{needs} not installed (pip install 'lorakit[quant]')")
     torch.manual_seed(0)
     m = One().requires_grad_(False)
@@ -201,7 +209,7 @@ def test_stochastic_warning_does_not_recommend_itself() -> None:
     assert "rounding='stochastic' on the" not in str(rec[0].message)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao not installed")
+@pytest.mark.skipif(not _has("torchao"), reason="torchao not installed")
 def test_stochastic_on_integer_storage_refuses_and_changes_nothing() -> None:
     import torchao.quantization as tq
 
