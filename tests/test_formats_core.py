@@ -32,10 +32,11 @@ def test_every_key_of_real_files_is_accounted_for(fixture):
     state = {k: torch.randn(_shape_for(k, v)) * 0.01 for k, v in data["keys"].items()}
     lora = lorakit.load(state)
     report = lora.report
-    accounted = set(report.consumed) | set(report.unsupported) | set(report.invalid) | set(report.unknown)
+    buckets = [set(report.consumed), set(report.unsupported), set(report.invalid), set(report.unknown),
+               set(report.base_weights)]
+    accounted = set().union(*buckets)
     assert accounted == set(state), set(state) - accounted
     # each key in exactly one bucket
-    buckets = [set(report.consumed), set(report.unsupported), set(report.invalid), set(report.unknown)]
     assert sum(len(b) for b in buckets) == len(state)
     # real files are valid: nothing invalid or unknown; what is not loaded is a recognised, named type
     assert not report.invalid and not report.unknown, report.problems()

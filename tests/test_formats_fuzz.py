@@ -41,8 +41,11 @@ def test_detection_only_raises_typed_errors(state, strict):
     except LorakitError:
         return
     report = lora.report
-    accounted = set(report.consumed) | set(report.unsupported) | set(report.invalid) | set(report.unknown)
+    accounted = (set(report.consumed) | set(report.unsupported) | set(report.invalid) | set(report.unknown)
+                 | set(report.base_weights))
     assert accounted == set(state)
+    assert len(accounted) == sum(map(len, (report.consumed, report.unsupported, report.invalid, report.unknown,
+                                           report.base_weights)))  # each key in exactly one place
     repr(lora)
     for layer in lora:
         # every loaded layer can compute its delta (or says clearly why not)
