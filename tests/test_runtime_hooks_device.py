@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.model import Layer, LoRA
 from lorakit.adapters import LoRAWeights
+from lorakit.model import Layer, LoRA
 
 
 def _lora(dtype=torch.float32) -> LoRA:
