@@ -142,6 +142,29 @@ def test_uniform_rows_fast_path_and_strength_change():
     sl.close()
 
 
+def test_conv_uniform_and_mixed_paths_equal_fused():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.ReLU(),
+                          nn.Conv2d(4, 5, 3, stride=2)).eval()
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    loras = [_lora(convs, 51, 3), _lora(convs, 52, 2)]
+    sl = lorakit.slots(model, k=2, max_rank=4)
+    sl.load(0, loras[0], strength=0.6)
+    sl.load(1, loras[1])
+    x = torch.randn(3, 3, 9, 9)
+    with torch.no_grad():
+        with sl.rows([1, 1, 1]):  # eager fast path: no gather
+            uniform = model(x)
+        with sl.rows([0, 1, -1]):
+            mixed = model(x)
+        base = model(x)
+    sl.close()
+    torch.testing.assert_close(uniform, _fused_row(model, loras[1], 1.0, lambda: model(x)), **TOL)
+    torch.testing.assert_close(mixed[0], _fused_row(model, loras[0], 0.6, lambda: model(x[:1]))[0], **TOL)
+    torch.testing.assert_close(mixed[1], uniform[1], **TOL)
+    assert torch.equal(mixed[2], base[2]) and (uniform - base).abs().max() > 1e-2
+
+
 def test_row_map_over_cfg_doubled_and_smaller_calls():
     model = _mlp()
     loras = [_lora(_linears(model), seed, 4) for seed in (5, 6)]

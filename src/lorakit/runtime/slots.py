@@ -160,7 +160,7 @@ def _uniform(site: _Site, x: torch.Tensor, y: torch.Tensor, s: int, strength: to
     h = _CONV_FN[len(site.kernel)](x, a.reshape(rank, -1, *site.kernel), None, m.stride, m.padding, m.dilation)
     h = h.mul_(strength.to(x.dtype)).reshape(n, rank, -1)  # [n, rank, spatial]
     y3 = y.reshape(n, site.out_features, -1)
-    return _accumulate(y, y3, h, b.unsqueeze(0).expand(n, -1, -1))
+    return _accumulate(y, y3, b.unsqueeze(0).expand(n, -1, -1), h)  # [n, out, rank] @ [n, rank, spatial]
 
 
 def _mixed(site: _Site, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, srow: torch.Tensor, rank: int) -> torch.Tensor:
