@@ -181,3 +181,21 @@ def test_corrupt_on_input_flag_is_a_typed_error(flag):
     assert "on_input" in lora.report.invalid["lycoris_fc1.on_input"]
     with pytest.raises(FormatError, match="lycoris_fc1"):
         lorakit.load(state, strict=True)
+
+
+def test_kohya_save_round_trips_oft_and_ia3(tmp_path):
+    """lorakit.save(format="kohya") writes diag-OFT (oft_blocks, alpha) and (IA)^3 (bare .weight + .on_input) so
+    that they read back as the same adapters, flag included (the (IA)^3 vector once came out as ``ia3_weight``
+    without its flag: unreadable)."""
+    g = torch.Generator().manual_seed(3)
+    state = {"lycoris_fc1.oft_blocks": torch.randn(8, 4, 4, generator=g) * 0.01, "lycoris_fc1.alpha": torch.tensor(0.0),
+             "lycoris_fc2.weight": torch.randn(32, generator=g) * 0.1, "lycoris_fc2.on_input": torch.tensor(1)}
+    lora = lorakit.load(state, strict=True)
+    path = lorakit.save(lora, tmp_path / "k.safetensors", format="kohya")
+    back = lorakit.load(path, strict=True)
+    assert back.report.ok and back.adapter_types() == lora.adapter_types() == {"ia3": 1, "oft": 1}
+    ours, theirs = ({x.path: x.weight for x in f.layers.values()} for f in (lora, back))
+    for p, w in ours.items():
+        assert all(torch.equal(t, theirs[p].tensors()[k]) for k, t in w.tensors().items())
+        assert w.alpha == theirs[p].alpha
+    assert int(theirs["fc2"].on_input) == 1

@@ -27,7 +27,8 @@ __all__ = ["FORMATS", "check_peft_expressible", "save", "to_state_dict"]
 #: the conventions lorakit writes
 FORMATS = ("kohya", "peft")
 
-_KOHYA_FIELDS = {"down": "lora_down.weight", "up": "lora_up.weight", "mid": "lora_mid.weight"}
+# (IA)^3's vector is LyCORIS' bare ".weight", read back beside its ".on_input" flag (conventions.SIBLING_FIELDS)
+_KOHYA_FIELDS = {"down": "lora_down.weight", "up": "lora_up.weight", "mid": "lora_mid.weight", "ia3_weight": "weight"}
 _PEFT_FIELDS = {"down": "lora_A.weight", "up": "lora_B.weight", "up_bias": "lora_B.bias"}
 
 # Native (ComfyUI / LightX2V / BFL) names are kept as written: those tools read kohya suffixes on them.
@@ -61,6 +62,9 @@ def _kohya_state_dict(lora: LoRA, put: Put, out: dict[str, torch.Tensor]) -> Non
                 put(f"{base}.{_KOHYA_FIELDS.get(field, field)}", t)
             if layer.weight.alpha is not None:
                 out[f"{base}.alpha"] = torch.tensor(float(layer.weight.alpha))
+            on_input = getattr(layer.weight, "on_input", None)  # (IA)^3's side flag: a flag, not a parameter
+            if on_input is not None:
+                out[f"{base}.on_input"] = on_input
             if up_bias is not None:
                 # kohya has no lora_B.bias spelling: write the same bias delta as diff_b.
                 bias = up_bias.float() * layer.weight.scale
