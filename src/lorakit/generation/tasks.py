@@ -23,10 +23,13 @@ from typing import Any
 
 from ..errors import MissingInputError, TaskInputError
 
-__all__ = ["TASKS", "VIDEO_TASKS", "call_default", "call_params", "check_inputs", "infer_task", "pipeline_for_task", "task_kind"]
+__all__ = ["NEEDS", "TAKES", "TASKS", "VIDEO_TASKS", "call_default", "call_params", "check_inputs", "infer_task", "pipeline_for_task", "task_kind"]
 
 TASKS = ("t2i", "i2i", "t2v", "i2v", "v2w")
 VIDEO_TASKS = ("t2v", "i2v", "v2w")
+#: the inputs each task needs (one of them) and the ones it takes (what check_inputs enforces; the server's /v1/info)
+NEEDS = {"i2i": ("image",), "i2v": ("image",), "v2w": ("image", "video")}
+TAKES = {"t2i": (), "t2v": (), "i2i": ("image",), "i2v": ("image",), "v2w": ("image", "video")}
 
 
 def _cls(pipe: Any) -> type:

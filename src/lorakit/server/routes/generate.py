@@ -26,17 +26,13 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from lorakit.errors import LorakitError
+from lorakit.errors import LorakitError, MissingInputError, TaskInputError
+from lorakit.generation.tasks import NEEDS, VIDEO_TASKS, check_inputs
 
 from ..deps import MetricsDep, RegistryDep, SettingsDep, WorkerDep, check_api_key
 from ..registry import ApiError, Registry
 from ..settings import GenerateRequest, Settings
 from ..worker import MEDIA_TYPES, Job, Stack
-
-VIDEO_TASKS = ("t2v", "i2v", "v2w")
-#: what each task must be given (a Video2World model takes an image or a video)
-NEEDS = {"i2i": ("image",), "i2v": ("image",), "v2w": ("image", "video")}
-TAKES = {"t2i": (), "t2v": (), "i2i": ("image",), "i2v": ("image",), "v2w": ("image", "video")}
 
 __all__ = ["build_job", "router"]
 
@@ -46,14 +42,14 @@ router = APIRouter()
 def _check_task(req: GenerateRequest, settings: Settings, task: str, inputs: dict[str, bytes]) -> tuple[str, int | None]:
     """The output format and frame count for this model's ``task``, or 422 naming what is wrong."""
     video = task in VIDEO_TASKS
-    for name in inputs:
-        if name not in TAKES.get(task, ()):
-            raise ApiError(422, "invalid_request", f"{name}: this model's task ({task}) takes no {name}; "
-                           f"see GET /v1/info")
-    needs = NEEDS.get(task, ())
-    if needs and not any(n in inputs for n in needs):
-        raise ApiError(422, "missing_input", f"this model's task ({task}) needs {' or '.join(needs)}: send it "
-                       "base64 in the JSON body or as a multipart file part")
+    try:  # the generation task rules, as for the CLI and the library (presence only: nothing is decoded yet)
+        check_inputs(task, image=inputs.get("image"), video=inputs.get("video"))
+    except MissingInputError as exc:
+        raise ApiError(422, "missing_input", f"this model's task ({task}) needs {' or '.join(NEEDS[task])}: send "
+                       "it base64 in the JSON body or as a multipart file part") from exc
+    except TaskInputError as exc:
+        raise ApiError(422, "invalid_request", f"{exc.field}: this model's task ({task}) takes no {exc.field}; "
+                       "see GET /v1/info") from exc
     fmt = req.response_format or ("mp4" if video else "png")
     if fmt == "b64_json":
         fmt = "mp4" if video else "png"

@@ -38,7 +38,7 @@ def get_metrics(metrics: MetricsDep) -> PlainTextResponse:
 def info(request: Request, settings: SettingsDep) -> dict[str, Any]:
     """The served model, its task (t2i, i2i, t2v, i2v, v2w), whether it makes videos, which inputs it needs or
     takes, and this server's limits: what the web page builds its controls from."""
-    from .generate import NEEDS, TAKES, VIDEO_TASKS
+    from lorakit.generation.tasks import NEEDS, TAKES, VIDEO_TASKS
 
     check_api_key(request, settings)
     task = request.app.state.task
