@@ -391,16 +391,4 @@ class Worker:
 
             frames = result.frames or [[img] for img in result.images]
             return [encode_video(f, j.fmt, j.fps) for j, f in zip(batch, frames)]
-        return [_encode_image(img, j.fmt) for j, img in zip(batch, result.images)]
-
-
-def _encode_image(image: Any, fmt: str) -> bytes:
-    if fmt == "png" and isinstance(image, np.ndarray):
-        return to_png(image)
-    from lorakit.media import encode_image, encode_video
-
-    if isinstance(image, np.ndarray):
-        from PIL import Image
-
-        image = Image.fromarray((image * 255).round().astype("uint8"))
-    return encode_image(image, fmt) if fmt == "png" else encode_video([image], fmt, 1.0)
+        return [to_png(img) for img in result.images]  # image models answer png (the route refuses the rest)
