@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..adapters import LoRAWeights
@@ -142,23 +143,81 @@ def make_branch(layer: Layer, target: Target, module: nn.Module, base: torch.Ten
             h = b if h is None else h + b
         return h
 
+    if bias is None and _stackable(adapter, module):
+        branch.factors = cast  # type: ignore[attr-defined]  # HookState stacks such branches into one GEMM pair
     return branch
 
 
+def _stackable(adapter: Any, module: nn.Module) -> bool:
+    """Whether a branch is a plain 2-D LoRA on a Linear (or a 1×1 conv): ``up @ (down @ x)``, which
+    :class:`HookState` concatenates with the other LoRAs on the module into one GEMM pair."""
+    if not isinstance(adapter, LoRAWeights) or adapter.mid is not None or adapter.up_bias is not None:
+        return False
+    if adapter.up.dim() != 2 and any(k != 1 for k in adapter.up.shape[2:]):
+        return False
+    if adapter.down.dim() != 2 and any(k != 1 for k in adapter.down.shape[2:]):
+        return False
+    if isinstance(module, nn.Linear):
+        return adapter.down.dim() == 2 and adapter.up.dim() == 2
+    return (isinstance(module, nn.Conv2d) and module.groups == 1 and tuple(module.kernel_size) == (1, 1)
+            and tuple(module.stride) == (1, 1) and tuple(module.dilation) == (1, 1)
+            and tuple(module.padding) == (0, 0) and isinstance(module.padding, tuple))
+
+
 class HookState:
-    """The branches of one patch on one module; the hook reads ``strengths`` at every call."""
+    """The branches of one patch on one module; the hook reads ``strengths`` at every call.
+
+    Plain LoRA branches on the module's full output (2-D factors on a Linear or a 1×1 conv) are stacked: their
+    ``down`` factors are concatenated along the rank and their ``up`` factors, each scaled by ``strength · α/r``,
+    likewise, so that ``Σ sᵢ upᵢ(downᵢ x)`` is one GEMM pair added into the output in place (``addmm_``) instead
+    of two GEMMs, a scale and an add per LoRA. The stack is rebuilt when the strengths, dtype or device change
+    (at most two kept); other branches run one by one."""
 
     def __init__(self, module: nn.Module, strengths: Sequence[float]) -> None:
         self.module = module
         self.strengths = strengths
         self.branches: list[tuple[int, Branch, tuple[int, int] | None]] = []
         self.channel_dim = _channel_dim(module)
+        self._stacks: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor] | None] = {}
+        self._split: tuple[list[tuple[int, Branch]], list[tuple[int, Branch, tuple[int, int] | None]]] | None = None
+
+    def _parts(self) -> tuple[list[tuple[int, Branch]], list[tuple[int, Branch, tuple[int, int] | None]]]:
+        if self._split is None or sum(map(len, self._split)) != len(self.branches):
+            stacked = [(i, b) for i, b, dst in self.branches if dst is None and hasattr(b, "factors")]
+            rest = [(i, b, dst) for i, b, dst in self.branches if not (dst is None and hasattr(b, "factors"))]
+            self._split = (stacked, rest)
+            self._stacks.clear()
+        return self._split
+
+    def _stack(self, stacked: list[tuple[int, Branch]], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        strengths = tuple(float(self.strengths[i]) for i, _ in stacked)
+        key = (x.dtype, x.device, strengths)
+        if key in self._stacks:
+            return self._stacks[key]
+        downs, ups = [], []
+        for (_, b), s in zip(stacked, strengths):
+            if s == 0.0:
+                continue  # strength 0 is the identity, and costs nothing
+            f = b.factors(x.dtype, x.device)  # type: ignore[attr-defined]
+            downs.append(f.down.flatten(1))
+            ups.append(f.up.flatten(1) * (s * f.scale))
+        stack = None if not downs else (
+            (downs[0], ups[0]) if len(downs) == 1 else (torch.cat(downs), torch.cat(ups, dim=1)))
+        if len(self._stacks) >= 2:
+            self._stacks.clear()
+        self._stacks[key] = stack
+        return stack
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         x = args[0]
         y = output
+        stacked, rest = self._parts()
+        if stacked:
+            stack = self._stack(stacked, x)
+            if stack is not None:
+                y = _add_stacked(y, x, *stack, self.channel_dim)
         cloned = False
-        for lora, branch, dst in self.branches:
+        for lora, branch, dst in rest:
             s = self.strengths[lora]
             if s == 0.0:
                 continue  # strength 0 is the identity, and costs nothing
@@ -170,6 +229,24 @@ class HookState:
                     y, cloned = y.clone(), True
                 y.narrow(self.channel_dim, dst[0], dst[1] - dst[0]).add_(h, alpha=s)
         return y
+
+
+def _add_stacked(y: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """``y + up @ (down @ x)`` over the channel dim: into ``y`` in place when nothing needs ``y`` for autograd
+    (the module's fresh output, no grad recorded), else out of place."""
+    if channel_dim == 1:  # 1×1 conv: channels first
+        h = F.conv2d(x, down[:, :, None, None])
+        d = F.conv2d(h, up[:, :, None, None])
+        return y.add_(d) if _in_place_ok(y) and y.dtype == d.dtype else y + d
+    h = F.linear(x, down)
+    if _in_place_ok(y) and y.is_contiguous() and y.dtype == h.dtype == up.dtype:
+        y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.t())
+        return y
+    return y + F.linear(h, up)  # autocast / autograd / a strided output: plain ops, type promotion as before
+
+
+def _in_place_ok(y: torch.Tensor) -> bool:
+    return not (torch.is_grad_enabled() and y.requires_grad)
 
 
 @dataclasses.dataclass
