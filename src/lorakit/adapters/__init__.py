@@ -2,6 +2,7 @@
 in registration order)."""
 
 from .base import ADAPTERS, LowRank, WeightAdapter, adapter_for_fields, register_adapter
+from .boft import BOFT
 from .dora import DoRA
 from .full import FullDiff, NormDiff
 from .ia3 import IA3
@@ -13,6 +14,7 @@ from .saved import SavedModule
 
 __all__ = [
     "ADAPTERS",
+    "BOFT",
     "IA3",
     "DiagOFT",
     "DoRA",

@@ -14,7 +14,7 @@ LyCORIS' own ``multiplier`` for every ``s``; ComfyUI agrees at ``s = 0`` and ``s
 twice (``W + s·[(sR − sI)ᵀW]``, so ``0.5`` gives a quarter of the change), ignores ``rescale`` and uses ``alpha`` itself
 (not ``alpha · out``) as the norm bound. With ``rescale``, lorakit blends the whole change:
 ``W + s(rescale ⊙ RᵀW − W)``; LyCORIS applies the full rescale at any ``s`` (they agree at ``s = 1``).
-BOFT (butterfly factors, 4-D ``oft_blocks``) is recognised and refused.
+4-D ``oft_blocks`` are BOFT butterfly factors: :meth:`DiagOFT.from_fields` hands them to :class:`~.boft.BOFT`.
 """
 
 from __future__ import annotations
@@ -60,10 +60,11 @@ class DiagOFT(WeightAdapter):
     def from_fields(cls, tensors: Mapping[str, torch.Tensor], *, name: str = "?") -> WeightAdapter:
         blocks = tensors.get("oft_blocks")
         if isinstance(blocks, torch.Tensor) and blocks.dim() == 4:
-            raise UnsupportedAdapterError(
-                f"{name}: oft_blocks of shape {tuple(blocks.shape)} are BOFT butterfly factors; BOFT is recognised "
-                "but not supported yet (diag-OFT files have 3-D oft_blocks)"
-            )
+            # LyCORIS saves BOFT's butterfly factors [m, n, b, b] under diag-OFT's own key: the shape decides
+            from .boft import BOFT
+
+            rest = {f: t for f, t in tensors.items() if f != "oft_blocks"}
+            return BOFT.from_fields({**rest, "boft_blocks": blocks}, name=name)
         return super().from_fields(tensors, name=name)
 
     def validate(self, name: str) -> None:

@@ -190,11 +190,9 @@ SIBLING_FIELDS: dict[str, tuple[str, str]] = {
 }
 
 #: recognised adapter types lorakit cannot compute yet, told apart from a supported one by the dimension of one
-#: tensor: suffix -> (dimension, adapter name). LyCORIS BOFT saves ``oft_blocks [m, k, b, b]`` (butterfly
-#: factors) under diag-OFT's names (``oft_blocks [k, b, b]``).
-UNSUPPORTED_BY_DIM: dict[str, tuple[int, str]] = {
-    ".oft_blocks": (4, "BOFT (butterfly OFT, 4-D oft_blocks)"),
-}
+#: tensor: suffix -> (dimension, adapter name). (LyCORIS BOFT's 4-D ``oft_blocks`` used to be listed here; the
+#: adapter now tells BOFT from diag-OFT by that dimension itself: ``DiagOFT.from_fields``.)
+UNSUPPORTED_BY_DIM: dict[str, tuple[int, str]] = {}
 
 #: recognised adapter types lorakit cannot compute yet: suffix -> adapter name
 UNSUPPORTED_SUFFIXES: dict[str, str] = {
