@@ -92,7 +92,8 @@ class GLoRA(WeightAdapter):
         b = self.low_rank_part().to(w.device)
         if w.dim() < 2 or b.numel() != w.numel() or w.shape[0] != b.shape[0]:
             raise ShapeMismatchError(f"GLoRA delta of shape {tuple(b.shape)} does not fit a weight of shape "
-                                     f"{tuple(w.shape)}")
+                                     f"{tuple(w.shape)} (old LyCORIS GLoRA files, a1 [r, in] / b2 [out, r], are "
+                                     "not supported: re-save the network with a current LyCORIS)")
         a = (_flat(self.glora_a1) @ _flat(self.glora_a2)).to(w.device)  # [in, in]
         wa = torch.einsum("oi...,ij->oj...", w, a)
         return (wa + b.reshape(w.shape)) * self.scale
