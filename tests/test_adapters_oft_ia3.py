@@ -181,9 +181,8 @@ def test_low_precision_fuse_is_rounded_once_and_remove_is_exact(dtype, algo):
     assert model.fc1.weight.data_ptr() == ptr and torch.equal(model.fc1.weight, w0) and model.fc1.weight.dtype == dtype
 
 
-def test_boft_blocks_are_refused_and_shapes_are_checked():
-    with pytest.raises(lorakit.UnsupportedAdapterError, match="BOFT"):
-        DiagOFT.from_fields({"oft_blocks": torch.zeros(2, 4, 4, 4)}, name="x")
+def test_boft_blocks_become_boft_and_shapes_are_checked():
+    assert DiagOFT.from_fields({"oft_blocks": torch.zeros(2, 4, 4, 4)}, name="x").kind == "boft"
     with pytest.raises(lorakit.errors.FormatError, match="rescale"):
         DiagOFT.from_fields({"oft_blocks": torch.zeros(2, 4, 4), "rescale": torch.ones(7, 1)}, name="x")
     model = _Net()

@@ -23,7 +23,7 @@ def kohya_file(tmp_path):
         "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.randn(8, 32, generator=g),
         "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.randn(64, 8, generator=g),
         "lora_te_text_model_encoder_layers_0_mlp_fc1.alpha": torch.tensor(4.0),
-        "x.oft_blocks": torch.randn(2, 2, 2, 2, generator=g),  # BOFT: recognised, unsupported
+        "x.lambda_layer": torch.randn(1, 4, generator=g),  # T-LoRA: recognised, unsupported
     }
     path = tmp_path / "style.safetensors"
     save_file(state, str(path), metadata={"ss_network_dim": "4"})
@@ -42,14 +42,14 @@ def test_inspect_json_has_the_documented_keys(kohya_file):
     assert info["parameters"] == 4 * 32 + 32 * 4 + 8 * 32 + 64 * 8
     assert info["metadata"] == {"ss_network_dim": "4"}
     assert info["keys"] == 7
-    assert "x.oft_blocks" in info["report"]["unsupported"]
+    assert "x.lambda_layer" in info["report"]["unsupported"]
 
 
 def test_inspect_human_table_lists_unloaded_keys(kohya_file):
     result = CliRunner().invoke(cli, ["inspect", str(kohya_file)])
     assert result.exit_code == 0, result.output
     assert "kohya" in result.output and "lora=2" in result.output
-    assert "x.oft_blocks: BOFT" in result.output
+    assert "x.lambda_layer: T-LoRA" in result.output
 
 
 def test_convert_kohya_to_peft_and_back_keeps_every_delta(kohya_file, tmp_path):

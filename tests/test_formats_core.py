@@ -171,14 +171,14 @@ def test_broken_layers_are_typed_errors_or_reported(broken, error):
 def test_unknown_and_unsupported_keys_are_reported_not_dropped():
     state = {
         "b.lora_down.weight": torch.randn(2, 4), "b.lora_up.weight": torch.randn(4, 2),
-        "c.oft_blocks": torch.randn(2, 2, 2, 2), "c.alpha": torch.tensor(1.0),  # BOFT: 4-D blocks
-        "d.a1.weight": torch.randn(4, 2), "d.a2.weight": torch.randn(2, 4),  # GLoRA
+        "c.set_weight": torch.randn(2, 2), "c.alpha": torch.tensor(1.0),  # ComfyUI set_weight
+        "d.q_layer.weight": torch.randn(4, 2), "d.p_layer.weight": torch.randn(2, 4),  # T-LoRA
         "random_tensor": torch.randn(3),
     }
     lora = lorakit.load(state)
-    assert set(lora.report.unsupported) == {"c.oft_blocks", "c.alpha", "d.a1.weight", "d.a2.weight"}
-    assert "BOFT" in lora.report.unsupported["c.oft_blocks"]
-    assert "GLoRA" in lora.report.unsupported["d.a1.weight"]
+    assert set(lora.report.unsupported) == {"c.set_weight", "c.alpha", "d.q_layer.weight", "d.p_layer.weight"}
+    assert "set_weight" in lora.report.unsupported["c.set_weight"]
+    assert "T-LoRA" in lora.report.unsupported["d.q_layer.weight"]
     assert lora.report.unknown == ["random_tensor"]
     assert "keys not loaded" in repr(lora)
 

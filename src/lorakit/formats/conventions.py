@@ -8,7 +8,8 @@ from __future__ import annotations
 import dataclasses
 
 __all__ = [
-    "CHECKPOINT_PREFIXES", "KOHYA_PREFIX", "KOHYA_SINGLE_TE", "KOHYA_TRANSFORMER", "MODULE_HEADS", "NATIVE_PREFIX",
+    "CHECKPOINT_PREFIXES", "KOHYA_OFT_FIELDS", "KOHYA_OFT_MODULE", "KOHYA_OFT_PREFIX", "KOHYA_PREFIX", "KOHYA_SINGLE_TE",
+    "KOHYA_TRANSFORMER", "MODULE_HEADS", "NATIVE_PREFIX",
     "PEFT_COMPONENT", "PEFT_PREFIX", "PEFT_TRANSFORMER", "PREFIXES", "SIBLING_FIELDS", "SUFFIXES", "UNSUPPORTED_BY_DIM",
     "UNSUPPORTED_SUFFIXES", "WRAPPERS",
     "Prefix", "Suffix", "kohya_name", "kohya_prefix", "peft_prefix",
@@ -26,6 +27,8 @@ KOHYA_PREFIX: dict[str, str] = {
 }
 #: a model with a single text encoder (SD 1.x/2.x) writes it without a number, as kohya's sd-scripts do
 KOHYA_SINGLE_TE = "lora_te_"
+#: kohya sd-scripts' OFT network (``networks.oft``) saves its U-Net layers under its own prefix
+KOHYA_OFT_PREFIX = "oft_unet_"
 #: OneTrainer's denoiser prefix: ComfyUI reads it as *diffusers* module names, while ``lora_unet_`` means the
 #: original (BFL / MMDiT) names; a diffusers-named transformer layer is written under it
 KOHYA_TRANSFORMER = "lora_transformer_"
@@ -111,6 +114,7 @@ def _read_prefixes() -> tuple[Prefix, ...]:
     rows.append(Prefix(KOHYA_SINGLE_TE, "text_encoder", True, "kohya"))
     rows.append(Prefix(KOHYA_TRANSFORMER, "denoiser", True, "onetrainer"))
     rows.append(Prefix("lycoris_", "denoiser", True, "lycoris"))
+    rows.append(Prefix(KOHYA_OFT_PREFIX, "denoiser", True, "kohya-oft"))
     rows += [Prefix(p, c, False, "native") for c, ps in NATIVE_PREFIX.items() for p in ps]
     rows += [Prefix(p, c, False, "peft") for c, p in PEFT_PREFIX.items()]
     rows.append(Prefix(PEFT_TRANSFORMER, "denoiser", False, "peft"))
@@ -177,10 +181,22 @@ _SUFFIX_ROWS = [
     (".oft_blocks", "oft_blocks", "lycoris"),
     (".rescale", "rescale", "lycoris"),
     (".on_input", "on_input", "lycoris"),
+    # LyCORIS GLoRA (its submodules' weights)
+    (".a1.weight", "glora_a1", "lycoris"),
+    (".a2.weight", "glora_a2", "lycoris"),
+    (".b1.weight", "glora_b1", "lycoris"),
+    (".b2.weight", "glora_b2", "lycoris"),
+    (".bm.weight", "glora_bm", "lycoris"),
 ]
 SUFFIXES: tuple[Suffix, ...] = tuple(
     Suffix(t, f, c) for t, f, c in sorted(_SUFFIX_ROWS, key=lambda r: -len(r[0]))
 )
+
+#: a field whose meaning depends on who wrote the file: field -> (field when the file is kohya sd-scripts' own
+#: OFT, i.e. under ``KOHYA_OFT_PREFIX`` or with ``ss_network_module`` = ``KOHYA_OFT_MODULE``). sd-scripts and LyCORIS
+#: both save ``oft_blocks [k, b, b]`` + ``alpha``, but normalise ``Q`` differently (adapters.oft.kohya_cayley).
+KOHYA_OFT_FIELDS: dict[str, str] = {"oft_blocks": "kohya_oft_blocks"}
+KOHYA_OFT_MODULE = "networks.oft"
 
 #: suffixes too generic to name a field on their own: suffix -> (sibling suffix, field). The key is that field
 #: only when the same module also has the sibling key; otherwise it stays unknown. LyCORIS (IA)^3 saves its
@@ -190,19 +206,12 @@ SIBLING_FIELDS: dict[str, tuple[str, str]] = {
 }
 
 #: recognised adapter types lorakit cannot compute yet, told apart from a supported one by the dimension of one
-#: tensor: suffix -> (dimension, adapter name). LyCORIS BOFT saves ``oft_blocks [m, k, b, b]`` (butterfly
-#: factors) under diag-OFT's names (``oft_blocks [k, b, b]``).
-UNSUPPORTED_BY_DIM: dict[str, tuple[int, str]] = {
-    ".oft_blocks": (4, "BOFT (butterfly OFT, 4-D oft_blocks)"),
-}
+#: tensor: suffix -> (dimension, adapter name). (LyCORIS BOFT's 4-D ``oft_blocks`` used to be listed here; the
+#: adapter now tells BOFT from diag-OFT by that dimension itself: ``DiagOFT.from_fields``.)
+UNSUPPORTED_BY_DIM: dict[str, tuple[int, str]] = {}
 
 #: recognised adapter types lorakit cannot compute yet: suffix -> adapter name
 UNSUPPORTED_SUFFIXES: dict[str, str] = {
-    ".a1.weight": "GLoRA",
-    ".a2.weight": "GLoRA",
-    ".b1.weight": "GLoRA",
-    ".b2.weight": "GLoRA",
-    ".bm.weight": "GLoRA",
     ".q_layer.weight": "T-LoRA",
     ".p_layer.weight": "T-LoRA",
     ".lambda_layer": "T-LoRA",

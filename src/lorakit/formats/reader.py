@@ -26,6 +26,9 @@ from ..errors import FormatError, LorakitError, NonFiniteError, UnknownFormatErr
 from ..io import read_tensors, resolve_source
 from ..model import Layer, LoadReport, LoRA
 from .conventions import (
+    KOHYA_OFT_FIELDS,
+    KOHYA_OFT_MODULE,
+    KOHYA_OFT_PREFIX,
     PEFT_COMPONENT,
     PEFT_TRANSFORMER,
     PREFIXES,
@@ -241,7 +244,8 @@ def parse_state_dict(
     report = LoadReport()
     where = f" in {source}" if source else ""
     peft_cfg = _peft_config(metadata)
-    groups, group_keys = _group_keys(tensors, report, modules_to_save(peft_cfg))
+    kohya_oft = metadata.get("ss_network_module") == KOHYA_OFT_MODULE
+    groups, group_keys = _group_keys(tensors, report, modules_to_save(peft_cfg), kohya_oft=kohya_oft)
     _move_base_weights(tensors, report, groups)
     layers = _build_layers(groups, group_keys, peft_cfg, report, strict=strict, where=where)
     if not layers:
@@ -294,10 +298,11 @@ def _unsupported_stems(tensors: Mapping[str, torch.Tensor], report: LoadReport) 
 
 
 def _group_keys(
-    tensors: Mapping[str, torch.Tensor], report: LoadReport, saved: tuple[str, ...] = (),
+    tensors: Mapping[str, torch.Tensor], report: LoadReport, saved: tuple[str, ...] = (), *, kohya_oft: bool = False,
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, list[str]]]:
     """``({module name: {canonical field: tensor}}, {module name: file keys})``; every key that joins no
-    group is recorded in ``report`` (unknown, invalid or unsupported)."""
+    group is recorded in ``report`` (unknown, invalid or unsupported). ``kohya_oft``: the file says it is
+    sd-scripts' own OFT (metadata), so its ``oft_blocks`` are kohya's whatever their prefix."""
     unsupported_stems = _unsupported_stems(tensors, report)
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     group_keys: dict[str, list[str]] = defaultdict(list)
@@ -320,6 +325,8 @@ def _group_keys(
             parts = (*hit, "peft")
         name, field, _conv = parts
         name = _flatten_kohya_stem(name)
+        if field in KOHYA_OFT_FIELDS and (kohya_oft or name.startswith(KOHYA_OFT_PREFIX)) and value.dim() == 3:
+            field = KOHYA_OFT_FIELDS[field]  # sd-scripts' OFT: same key as LyCORIS diag-OFT, other normalisation
         if field in groups[name]:
             # e.g. "x.lora_A.weight" and "x.lora_A.default.weight" both present
             report.invalid[key] = f"duplicate {field} for module {name}"
@@ -443,6 +450,8 @@ _COMPATIBLE = {
 def _group_convention(prefix_conv: str, suffix_convs: set[str], fields: set[str]) -> tuple[str, bool]:
     """``(convention, strong)`` of one module's keys; ``strong`` when a low-rank pair spelling says it."""
     pair = suffix_convs & _PAIR_CONVENTIONS
+    if prefix_conv == "kohya-oft":
+        return "kohya", True  # sd-scripts' own OFT network (oft_unet_)
     flat = prefix_conv in ("kohya", "onetrainer", "lycoris")
     if pair:
         spelling = sorted(pair)[0] if len(pair) == 1 else "mixed"

@@ -28,7 +28,10 @@ __all__ = ["FORMATS", "check_peft_expressible", "save", "to_state_dict"]
 FORMATS = ("kohya", "peft")
 
 # (IA)^3's vector is LyCORIS' bare ".weight", read back beside its ".on_input" flag (conventions.SIBLING_FIELDS)
-_KOHYA_FIELDS = {"down": "lora_down.weight", "up": "lora_up.weight", "mid": "lora_mid.weight", "ia3_weight": "weight"}
+_KOHYA_FIELDS = {"down": "lora_down.weight", "up": "lora_up.weight", "mid": "lora_mid.weight", "ia3_weight": "weight",
+                 # BOFT and kohya OFT keep LyCORIS'/sd-scripts' ".oft_blocks" (told apart by shape / prefix on reading)
+                 "boft_blocks": "oft_blocks", "kohya_oft_blocks": "oft_blocks",
+                 **{f"glora_{p}": f"{p}.weight" for p in ("a1", "a2", "b1", "b2", "bm")}}
 _PEFT_FIELDS = {"down": "lora_A.weight", "up": "lora_B.weight", "up_bias": "lora_B.bias"}
 
 # Native (ComfyUI / LightX2V / BFL) names are kept as written: those tools read kohya suffixes on them.
@@ -46,6 +49,9 @@ Put = Callable[[str, torch.Tensor], None]
 def _kohya_key(layer: Layer, single_te: bool) -> str:
     if layer.component is None or layer.name.startswith(_NATIVE_STARTS):
         return layer.name
+    own = getattr(layer.weight, "kohya_prefix", None)  # an adapter saved under its trainer's prefix (kohya OFT)
+    if own is not None and layer.component == "denoiser":
+        return own + layer.path.replace(".", "_")
     transformer = layer.name.startswith(_TRANSFORMER_STARTS)
     return kohya_name(layer.component, layer.path, single_te=single_te, transformer=transformer)
 

@@ -142,7 +142,8 @@ def _wanted(layer: Layer, target: Target) -> list[tuple[DeltaKind, str, int]]:
     """``(kind, checkpoint parameter, elements)`` of every delta the layer has for this target."""
     out = []
     if layer.weight is not None:
-        out.append((DeltaKind.WEIGHT, "weight", layer.weight.delta_numel()))
+        # a base-dependent delta (OFT, BOFT, (IA)^3, GLoRA) has the tensor's own shape: checked in _base_fit
+        out.append((DeltaKind.WEIGHT, "weight", -1 if layer.weight.needs_base else layer.weight.delta_numel()))
     bias = layer.delta_bias()
     if bias is not None:
         out.append((DeltaKind.BIAS, "bias", bias.numel()))
@@ -161,7 +162,9 @@ def _plan_entry(label: str, ckpt: Checkpoint, resolver: Resolver, layer: Layer, 
             f"{label}: layer {layer.name} has a {param} delta but {ckpt.path} has no tensor "
             f"{target.module}.{param}; the LoRA does not fit this checkpoint."
         )
-    if routed and kind is DeltaKind.WEIGHT:
+    if kind is DeltaKind.WEIGHT and layer.weight.needs_base:
+        _base_fit(label, layer, target, info)
+    elif routed and kind is DeltaKind.WEIGHT:
         if layer.dora is not None and (target.src_rows or target.transform):
             raise ShapeMismatchError(
                 f"{label}: {layer.name} is a DoRA layer on a fused projection that the checkpoint "
@@ -177,6 +180,17 @@ def _plan_entry(label: str, ckpt: Checkpoint, resolver: Resolver, layer: Layer, 
             f"{info.shape}; the LoRA was trained for another model (or model size)."
         )
     return info, PlanEntry(strength, layer, kind, param, target, routed)
+
+
+def _base_fit(label: str, layer: Layer, target: Target, info: TensorInfo) -> None:
+    """Check a base-dependent delta against the checkpoint tensor's shape (run on a meta tensor: no data read)."""
+    shape = list(info.shape)
+    if target.dst_rows is not None:
+        shape[0] = target.dst_rows[1] - target.dst_rows[0]
+    try:
+        layer.weight.delta_from_base(torch.empty(shape, device="meta"))
+    except ShapeMismatchError as exc:
+        raise ShapeMismatchError(f"{label}: layer {layer.name} does not fit {info.ref} {info.shape}: {exc}") from exc
 
 
 def plan_merge(

@@ -111,6 +111,12 @@ def weight_delta(layer: Layer, target: Target, weight: torch.Tensor, base: torch
         return None
     dst = dst_view(weight, target)
     shape = tuple(dst.shape)
+    if layer.weight.needs_base and layer.dora is None:
+        # OFT/BOFT/(IA)^3/GLoRA: the delta is a function of this very weight (offline merge; apply binds first)
+        if target.src_rows is not None or target.transform is not None:
+            raise UnsupportedAdapterError(f"{layer.name}: a {layer.weight.kind} delta on a fused projection that is "
+                                          "stored split needs the fused weight; apply it to the loaded model instead")
+        return reshape_delta(layer.weight.delta_from_base(dst.detach()), shape, layer.weight.kind)
     if layer.dora is not None:
         if target.src_rows is not None or target.transform is not None:
             if base is None:
