@@ -46,6 +46,7 @@ from ..quant import branch_stage as quant_branch_stage
 from ..quant import commit as quant_commit
 from ..quant import describe as quant_describe
 from ..quant import proxy as quant_proxy
+from ..quant import register_output_hook as quant_register_output_hook
 from ..quant import stage as quant_stage
 from ..quant import warn_lossy as quant_warn_lossy
 from .checks import refuse_meta
@@ -578,7 +579,7 @@ def _commit(patch: Patch, plan: _Plan, owner: str) -> None:
         plan.slots.commit(patch._strengths)  # before any hook: may raise (NaN/Inf), leaving the model unchanged
         patch._slots = plan.slots
         for state in plan.hooks.values():
-            patch._handles.append(state.module.register_forward_hook(state))
+            patch._handles.extend(quant_register_output_hook(state.module, state))  # quanto int8 acts: x, not Q(x)
         patch.report.touched_tensors = sum(len(s.branches) for s in plan.hooks.values()) + len(plan.slots)
 
 
