@@ -269,3 +269,23 @@ def test_interleaves_with_hook_and_fuse_patches() -> None:
     branch.remove()
     hook.remove()
     assert _bits_equal(before, m) and torch.equal(m(X), base)
+
+
+def test_recipe_branch_where_possible_hook_for_the_rest() -> None:
+    """docs/quantized.md: layers without a branch are skipped with strict=False and named in the report; the same
+    LoRA cut to those layers goes on in hook mode. Together: the whole LoRA, exact."""
+    m = _model()
+    before, base, w0 = _snapshot(m), m(X), _weights(m)
+    lora = _lora(21, head=True)
+    with pytest.warns(UserWarning, match="not applied"):
+        branch = lorakit.apply(m, [(lora, 0.8)], mode="branch", strict=False)
+    skipped = branch.report.shape_mismatches["0:lora"]
+    assert list(skipped) == ["head"]
+    rest = LoRA({name: lora.layers[name] for name in skipped})
+    hook = lorakit.apply(m, [(rest, 0.8)], mode="hook")
+    y = m(X)
+    torch.testing.assert_close(y, _dense(w0, [(lora, 0.8)], X), rtol=1e-5, atol=1e-5)
+    assert _rel(y, base) > 0.05
+    hook.remove()
+    branch.remove()
+    assert _bits_equal(before, m)

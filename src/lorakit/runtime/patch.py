@@ -196,6 +196,8 @@ class Patch:
     def _rebuild_branch(self, new: list[float]) -> None:
         if len(new) != len(self._strengths):
             raise ValueError(f"expected {len(self._strengths)} strengths (one per LoRA), got {len(new)}")
+        if not all(math.isfinite(s) for s in new):
+            raise ValueError(f"strengths must be finite, got {new}")
         self._check_top("change the strengths of")
         old_undos = list(self._undos)
         for undo in reversed(old_undos):  # the original branches back, then the factors appended at the new strengths
@@ -651,6 +653,12 @@ def apply(
     listed in ``patch.report.quant``. Hook mode leaves their storage untouched; fuse mode dequantizes, adds the
     deltas in fp32 and requantizes with the layer's own scheme (``rounding="stochastic"``, seeded by ``seed``, on
     float8 storage), records the relative error of the applied delta and warns above ``requant_warn``.
+
+    ``mode="branch"`` (a model made by ``lorakit quantize --lowrank``): each LoRA's factors are appended to the
+    layers' 16-bit low-rank branch, strength folded into ``up`` (exact, no requantization; several LoRAs compose by
+    concatenation); ``remove()`` puts the original branch tensors back and ``set_strengths`` rebuilds the appended
+    factors. A target layer without a branch raises :class:`UnsupportedAdapterError` naming it (``strict=False``
+    skips it with a warning); so do adapters without exact factors (LoHa, LoKr, DoRA, bias or norm deltas).
 
     A LoRA matching nothing always raises :class:`MatchError`; in hook mode a layer holding NaN/Inf always
     raises :class:`NonFiniteError`. On any error the model is unchanged. Applies and removes on one model
