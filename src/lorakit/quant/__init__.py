@@ -16,14 +16,24 @@ from .lowrank import (
     quantize_model,
     quantize_state_dict,
 )
-from .patching import QuantOptions, Staged, commit, describe, is_quantized, proxy, stage, warn_lossy
+from .patching import (
+    QuantOptions,
+    Staged,
+    commit,
+    describe,
+    is_quantized,
+    proxy,
+    register_output_hook,
+    stage,
+    warn_lossy,
+)
 from .schemes import KINDS, QuantInfo, QuantKind, kind_of, swap_state
 
 __all__ = [
     "FP8_DTYPES", "KINDS", "BranchPatch", "Fp8ScaledLinear", "LowRankQuantLinear", "QuantInfo", "QuantKind",
     "QuantOptions", "Staged", "apply_branch", "branch_commit", "branch_stage", "commit", "describe", "is_quantized",
-    "kind_of", "load_lowrank", "lowrank_state_dict", "proxy", "quantize_model", "quantize_state_dict", "round_fp8",
-    "stage", "swap_state", "warn_lossy",
+    "kind_of", "load_lowrank", "lowrank_state_dict", "proxy", "quantize_model", "quantize_state_dict",
+    "register_output_hook", "round_fp8", "stage", "swap_state", "warn_lossy",
 ]
 
 KINDS.insert(0, LowRankKind())  # before Fp8ScaledKind: its fp8 residual also has a weight_scale

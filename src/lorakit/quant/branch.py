@@ -1,9 +1,9 @@
 """``apply_branch``: LoRAs on a low-rank-branch model (``lorakit quantize --lowrank``) by appending their factors to
 each layer's 16-bit branch: exact (no requantization), composed by concatenation, removed bit for bit.
 
-This is the route ``lorakit.apply(..., mode="branch")`` is meant to take; until the runtime routes that mode here,
-:func:`apply_branch` is the entry point. Its :class:`BranchPatch` is not on the runtime's patch stack: remove it
-before applying or removing fused/hooked patches on the same model, and do not interleave them.
+Prefer ``lorakit.apply(..., mode="branch")``: the same route, on the runtime's per-model patch stack and lock (so it
+interleaves with fuse and hook patches), with live ``set_strengths``. :func:`apply_branch` is the standalone form;
+its :class:`BranchPatch` is not on that stack: remove it before applying or removing other patches on the model.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ applied delta per layer and the original quantized objects kept for a bit-exact 
 from __future__ import annotations
 
 import dataclasses
+import threading
 import warnings
 import zlib
 from collections.abc import Callable, Sequence
@@ -17,7 +18,8 @@ from torch import nn
 from ..errors import InternalError, NonFiniteError
 from .schemes import QuantInfo, QuantKind, kind_of, swap_state
 
-__all__ = ["QuantOptions", "Staged", "commit", "describe", "is_quantized", "proxy", "stage", "warn_lossy"]
+__all__ = ["QuantOptions", "Staged", "commit", "describe", "is_quantized", "proxy", "register_output_hook", "stage",
+           "warn_lossy"]
 
 ROUNDINGS = ("nearest", "stochastic")
 
@@ -60,6 +62,40 @@ def proxy(module: nn.Module, values: bool = False) -> nn.Linear | None:
         stand_in.weight = nn.Parameter(kind.dequantize(module).reshape(out_f, in_f), requires_grad=False)
         return stand_in
     return nn.Linear(in_f, out_f, bias=False, device="meta", dtype=info.compute_dtype)
+
+
+def _quantizes_input(module: nn.Module) -> bool:
+    """Whether ``module`` quantizes its own input in a forward pre-hook (optimum-quanto with activations)."""
+    hooks = getattr(module, "_quantize_hooks", None)
+    return isinstance(hooks, dict) and "input" in hooks and getattr(module, "activation_qtype", None) is not None
+
+
+class _FloatInput:
+    """A pre-hook run before the library's own (``prepend=True``) keeps the float input; the forward hook hands it
+    to ``hook`` in place of the quantized input the forward saw. Per thread; one pending call per module (a module
+    is not re-entered during its own forward)."""
+
+    def __init__(self, hook: Callable[..., Any]) -> None:
+        self.hook = hook
+        self.local = threading.local()
+
+    def pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        self.local.args = args
+
+    def post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        raw = getattr(self.local, "args", None)
+        self.local.args = None
+        return self.hook(module, args if raw is None else raw, output)
+
+
+def register_output_hook(module: nn.Module, hook: Callable[..., Any]) -> list[Any]:
+    """Register ``hook(module, args, output)`` as a forward hook; return the handles to remove. On a layer that
+    quantizes its input itself (optimum-quanto with int8/fp8 activations), ``hook`` gets the float input ``x``, not
+    ``Q(x)``, as a LoRA wrapper around the layer (PEFT's) would."""
+    if not _quantizes_input(module):
+        return [module.register_forward_hook(hook)]
+    keep = _FloatInput(hook)
+    return [module.register_forward_pre_hook(keep.pre, prepend=True), module.register_forward_hook(keep.post)]
 
 
 @dataclasses.dataclass

@@ -40,10 +40,13 @@ from ..placement import (
     transposed_delta,
     weight_delta,
 )
-from ..quant import QuantOptions
+from ..quant import LowRankQuantLinear, QuantOptions
+from ..quant import branch_commit as quant_branch_commit
+from ..quant import branch_stage as quant_branch_stage
 from ..quant import commit as quant_commit
 from ..quant import describe as quant_describe
 from ..quant import proxy as quant_proxy
+from ..quant import register_output_hook as quant_register_output_hook
 from ..quant import stage as quant_stage
 from ..quant import warn_lossy as quant_warn_lossy
 from .checks import refuse_meta
@@ -52,7 +55,7 @@ from .hooks import HookState, ParamSlots, make_branch, split_for_hooks, unwrap_t
 
 __all__ = ["ApplyReport", "Patch", "PatchOrderError", "apply"]  # PatchOrderError: from lorakit.errors
 
-MODES = ("fuse", "hook")
+MODES = ("fuse", "hook", "branch")
 # Patches active on each component module, oldest first (weak: a dropped model takes its stack along).
 _STACKS: weakref.WeakKeyDictionary[nn.Module, list[Patch]] = weakref.WeakKeyDictionary()
 # One lock per component module: apply (planning to commit) and remove on one model run one at a time.
@@ -156,6 +159,8 @@ class Patch:
         self._undos: list[Any] = []  # quantized layers: put the original quantized objects back
         self._slots = ParamSlots()  # hook mode: parameters re-materialised per strengths (norms, modulation, ...)
         self.quant_options = QuantOptions()
+        self._branch: list[tuple[str, nn.Module, list[Any]]] = []  # branch mode: what set_strengths rebuilds
+        self._staged: list[Any] = []  # branch mode: the branches now swapped in
 
     @property
     def strengths(self) -> list[float]:
@@ -164,7 +169,14 @@ class Patch:
     def set_strengths(self, strengths: Sequence[float]) -> None:
         """New strengths, one per LoRA, used from the next forward (hook mode only). Parameters patched by value
         (norm weights, modulation tables, biases of non-linear modules) are re-materialised now, all computed and
-        checked before any changes; a later patch on the same model must be removed first."""
+        checked before any changes; a later patch on the same model must be removed first. Branch mode rebuilds the
+        appended factors (strength 0 drops a LoRA's factors); a later patch on the model must be removed first."""
+        if self.mode == "branch":
+            if self.removed:
+                raise PatchOrderError("this patch was removed; apply the LoRAs again")
+            with _model_lock(self.components):
+                self._rebuild_branch([float(s) for s in strengths])
+            return
         if self.mode != "hook":
             raise UnsupportedAdapterError(
                 "a fused patch has its strengths baked into the weights; remove() and apply again, "
@@ -180,6 +192,35 @@ class Patch:
             self._slots.update(new)  # may raise: then neither the parameters nor the strengths changed
             # in place: the hooks hold a reference to this very list
             self._strengths[:] = new
+
+    def _rebuild_branch(self, new: list[float]) -> None:
+        if len(new) != len(self._strengths):
+            raise ValueError(f"expected {len(self._strengths)} strengths (one per LoRA), got {len(new)}")
+        if not all(math.isfinite(s) for s in new):
+            raise ValueError(f"strengths must be finite, got {new}")
+        self._check_top("change the strengths of")
+        old_undos = list(self._undos)
+        for undo in reversed(old_undos):  # the original branches back, then the factors appended at the new strengths
+            undo()
+        try:
+            staged = quant_branch_stage(self._branch, new)
+        except Exception:
+            self._undos = quant_branch_commit(self._staged)  # the same appended tensors as before: nothing changed
+            raise
+        self._undos = quant_branch_commit(staged)
+        self._staged = staged
+        self._strengths[:] = new
+        for s in staged:
+            self.report.quant.setdefault(s.name, {})["new_rank"] = s.new_rank
+
+    def _check_top(self, what: str) -> None:
+        for module in self.components.values():
+            stack = _STACKS.get(module, [])
+            if self in stack and stack[-1] is not self:
+                raise PatchOrderError(
+                    f"cannot {what} {self!r}: {len(stack) - 1 - stack.index(self)} later patch(es) on the same "
+                    "model are still active; remove patches in reverse order of application"
+                )
 
     def param_stats(self) -> dict[str, float]:
         """Total parameters of the patched components, LoRA parameters matched onto them, and the ratio."""
@@ -205,13 +246,7 @@ class Patch:
     def _remove_locked(self) -> None:
         if self.removed:
             return
-        for module in self.components.values():
-            stack = _STACKS.get(module, [])
-            if self in stack and stack[-1] is not self:
-                raise PatchOrderError(
-                    f"cannot remove {self!r}: {len(stack) - 1 - stack.index(self)} later patch(es) on the same "
-                    "model are still active; remove patches in reverse order of application"
-                )
+        self._check_top("remove")
         for handle in self._handles:
             handle.remove()
         for undo in reversed(self._undos):
@@ -369,9 +404,10 @@ class _Plan:
     touched: set[int] = dataclasses.field(default_factory=set)
     slots: ParamSlots = dataclasses.field(default_factory=ParamSlots)  # hook mode: parameters patched by value
     quant_names: dict[int, str] = dataclasses.field(default_factory=dict)  # id(quantized module) -> name
+    branch: dict[int, tuple[str, nn.Module, list[Any]]] = dataclasses.field(default_factory=dict)  # branch mode
 
 
-def _plan(patch: Patch, resolver: Resolver) -> _Plan:
+def _plan(patch: Patch, resolver: Resolver, strict: bool | None = None) -> _Plan:
     """Resolve every layer and compute its deltas (fuse) or branches (hook); record the report. Nothing changes."""
     plan = _Plan()
     report = patch.report
@@ -386,9 +422,16 @@ def _plan(patch: Patch, resolver: Resolver) -> _Plan:
                 layer = bind_layer(layer, targets, lambda t: _module(resolver, t))  # OFT, (IA)^3, GLoRA, modules_to_save
                 if patch.mode == "fuse":
                     _plan_fuse(plan, i, layer, targets, resolver, strength)
+                elif patch.mode == "branch":
+                    _plan_branch(plan, i, layer, targets, resolver)
                 else:
                     _plan_hooks(plan, i, layer, targets, resolver, patch)
             except ShapeMismatchError as exc:
+                report.shape_mismatches[label][layer.name] = str(exc)
+                continue
+            except UnsupportedAdapterError as exc:  # branch mode, a layer without a branch: strict=False skips it
+                if patch.mode != "branch" or strict is not False:
+                    raise
                 report.shape_mismatches[label][layer.name] = str(exc)
                 continue
             report.matched[label][layer.name] = [t.ref for t in targets]
@@ -413,6 +456,26 @@ def _plan_fuse(plan: _Plan, i: int, layer: Layer, targets: list[Target], resolve
     for param, contrib in pieces:
         contrib.lora = i
         plan.fuse.setdefault(id(param), (param, []))[1].append(contrib)
+
+
+def _plan_branch(plan: _Plan, i: int, layer: Layer, targets: list[Target], resolver: Resolver) -> None:
+    """Branch mode: each target must be a low-rank-branch layer; its exact factors are appended at commit."""
+    pieces = []
+    for t in targets:
+        module = _module(resolver, t)
+        if not isinstance(module, LowRankQuantLinear):
+            raise UnsupportedAdapterError(
+                f"{layer.name} -> {t.ref}: a {type(module).__name__}, not a low-rank-branch layer "
+                "(`lorakit quantize --lowrank`), so mode='branch' cannot put it there. Apply this model (or these "
+                "layers, docs/quantized.md) with mode='hook', or pass strict=False to skip such layers"
+            )
+        if bias_delta(layer, t) is not None or param_deltas(layer, t):
+            raise UnsupportedAdapterError(
+                f"{layer.name} -> {t.ref}: bias or norm deltas have no place in a low-rank branch; use mode='hook'"
+            )
+        pieces.append((t, module, low_rank_factors(layer, t, module.weight)))
+    for t, module, factors in pieces:
+        plan.branch.setdefault(id(module), (str(t.ref), module, []))[2].append((i, factors, t.dst_rows))
 
 
 def _check_finite(layer: Layer, label: str, dtypes: set[torch.dtype]) -> None:
@@ -507,11 +570,18 @@ def _commit(patch: Patch, plan: _Plan, owner: str) -> None:
             patch.report.quant.setdefault(s.name, {})["requant_error"] = s.error
         quant_warn_lossy(staged, patch.quant_options.warn_threshold)
         patch.report.touched_tensors = len(patch._backups) + len(staged)
+    elif patch.mode == "branch":
+        patch._branch = list(plan.branch.values())
+        patch._staged = quant_branch_stage(patch._branch, patch._strengths)  # may raise: nothing changed yet
+        patch._undos = quant_branch_commit(patch._staged)
+        for s in patch._staged:
+            patch.report.quant.setdefault(s.name, {}).update(old_rank=s.old_rank, new_rank=s.new_rank)
+        patch.report.touched_tensors = 2 * len(patch._staged)
     else:
         plan.slots.commit(patch._strengths)  # before any hook: may raise (NaN/Inf), leaving the model unchanged
         patch._slots = plan.slots
         for state in plan.hooks.values():
-            patch._handles.append(state.module.register_forward_hook(state))
+            patch._handles.extend(quant_register_output_hook(state.module, state))  # quanto int8 acts: x, not Q(x)
         patch.report.touched_tensors = sum(len(s.branches) for s in plan.hooks.values()) + len(plan.slots)
 
 
@@ -584,6 +654,12 @@ def apply(
     deltas in fp32 and requantizes with the layer's own scheme (``rounding="stochastic"``, seeded by ``seed``, on
     float8 storage), records the relative error of the applied delta and warns above ``requant_warn``.
 
+    ``mode="branch"`` (a model made by ``lorakit quantize --lowrank``): each LoRA's factors are appended to the
+    layers' 16-bit low-rank branch, strength folded into ``up`` (exact, no requantization; several LoRAs compose by
+    concatenation); ``remove()`` puts the original branch tensors back and ``set_strengths`` rebuilds the appended
+    factors. A target layer without a branch raises :class:`UnsupportedAdapterError` naming it (``strict=False``
+    skips it with a warning); so do adapters without exact factors (LoHa, LoKr, DoRA, bias or norm deltas).
+
     A LoRA matching nothing always raises :class:`MatchError`; in hook mode a layer holding NaN/Inf always
     raises :class:`NonFiniteError`. On any error the model is unchanged. Applies and removes on one model
     are serialised (a per-model lock: another thread's call waits); running the model while another thread
@@ -600,7 +676,7 @@ def apply(
         report = ApplyReport(mode=mode, families=list(resolver.index.families))
         patch = Patch(mode, items, report, components)
         patch.quant_options = QuantOptions(rounding, seed, requant_warn)
-        plan = _plan(patch, resolver)
+        plan = _plan(patch, resolver, strict)
         unmatched = _check_plan(report, target, components, bool(strict))
         _commit(patch, plan, type(target).__name__)  # everything is computed and checked: only now does the model change
         report.untouched_modules = sum(
