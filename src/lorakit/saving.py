@@ -1,5 +1,8 @@
-"""``lorakit.save``: resolve, then write. Kohya files keep the LoRA's own names; PEFT files name the target
-model's modules, so the LoRA is first moved into the model's layout (or the detected family's meta model's)."""
+"""``lorakit.save``: resolve, then write. PEFT files name the target model's modules, so the LoRA is first moved
+into the model's layout (or the detected family's meta model's). Kohya files name the modules as kohya's trainers
+do for the family (sd-scripts / musubi-tuner: the original model's names, fused projections fused), so the LoRA is
+moved into the model's layout and then into the original one (:mod:`lorakit.placement.kohya_layout`); a file whose
+family is unknown keeps its own names."""
 
 from __future__ import annotations
 
@@ -13,12 +16,14 @@ from torch import nn
 
 from .errors import MatchError
 from .families import Resolver, components_of, detect_family
-from .families.offline import meta_components
+from .families.kohya_names import KohyaNames
+from .families.offline import meta_components, variant_for
 from .formats.conventions import peft_prefix
 from .formats.writer import check_peft_expressible
 from .formats.writer import save as write
 from .io import parse_dtype
 from .model import LoRA
+from .placement.kohya_layout import to_kohya_layout
 from .placement.layout import to_model_layout
 
 __all__ = ["save"]
@@ -38,8 +43,13 @@ def save(
 
     ``dtype`` ("fp16", "bf16", "fp32", ... or a torch dtype) casts float tensors. ``model`` (a pipeline, a module,
     ``{component: module}`` or a family name such as ``"flux1"``) names the modules a PEFT file is written for;
-    without one, the family detected from the file's names is used. Kohya files need no model."""
+    without one, the family detected from the file's names is used. Kohya files get the names kohya's trainers
+    write for that family (FLUX.1 ``lora_unet_double_blocks_0_img_attn_qkv``, SDXL ``lora_unet_input_blocks_...``,
+    Wan ``lora_unet_blocks_0_self_attn_q``, SD 1.x the diffusers names flattened); with no model and no detected
+    family they keep the file's own names."""
     dtype = parse_dtype(dtype)
+    if format == "kohya":
+        return write(_in_kohya_layout(lora, model), path, format, dtype=dtype, inputs=inputs)
     if format != "peft":
         return write(lora, path, format, dtype=dtype, inputs=inputs)
     check_peft_expressible(lora)  # say what cannot be expressed before building a model to resolve names
@@ -48,6 +58,35 @@ def save(
     lora = _flat_names_resolved(lora, comps)
     prefix = None if model is None else peft_prefix("denoiser", transformer=_denoiser_is_transformer(model, comps))
     return write(lora, path, "peft", dtype=dtype, inputs=inputs, denoiser_prefix=prefix)
+
+
+def _in_kohya_layout(lora: LoRA, model: object) -> LoRA:
+    """The LoRA in the names kohya's trainers write for its family (unchanged when no family is known)."""
+    family = _kohya_family(lora, model)
+    if family is None:
+        return lora
+    comps = meta_components(family, _wanted(lora)) if model is None else _components(model, lora)
+    denoiser = comps.get("denoiser")
+    prefix = peft_prefix("denoiser", transformer=denoiser is None or "UNet" not in type(denoiser).__name__)
+    moved, _unmatched = to_model_layout(lora, Resolver(comps), denoiser_prefix=prefix)
+    return to_kohya_layout(moved, KohyaNames(comps, family), comps)
+
+
+def _kohya_family(lora: LoRA, model: object) -> str | None:
+    """The family whose kohya names to write: a family name given as ``model``, else the file's detected family,
+    else (a live model) SDXL or SD 1.x from a UNet's cross-attention width; ``None`` when none is known."""
+    if isinstance(model, str):
+        variant = variant_for(model)
+        return "sd1" if variant in ("sd15", "sd2") else variant
+    family = detect_family(lora)
+    if family is not None or model is None:
+        return family
+    denoiser = components_of(model).get("denoiser")
+    if denoiser is None:
+        return None
+    if "UNet" in type(denoiser).__name__:
+        return "sdxl" if getattr(getattr(denoiser, "config", None), "cross_attention_dim", None) == 2048 else "sd1"
+    return type(denoiser).__name__
 
 
 def _wanted(lora: LoRA) -> tuple[str, ...]:
