@@ -323,16 +323,10 @@ def test_native_twin_matches_diffusers_names(case: Case, twin: str, tmp_path: Pa
     assert float(np.abs(got - case.base).max()) > MIN_EFFECT
 
 
-_WAN_KOHYA = pytest.mark.xfail(strict=True, reason=(
-    "lorakit.save(format='kohya') writes Wan as lora_transformer_blocks_N_attn1_to_q (flattened diffusers paths); "
-    "diffusers' Wan loader converts only native (diffusion_model.blocks.N.self_attn.q) and musubi "
-    "(lora_unet_blocks_N_self_attn_q) names and loads nothing from these, with only a log message"))
-
-
 @pytest.mark.parametrize(("case", "twin"), [
     ("sdxl", "original"), ("wan-t2v", "original"), ("wan-i2v", "original"),
     ("sdxl", "lorakit-kohya"), ("flux", "lorakit-kohya"),
-    pytest.param("wan-t2v", "lorakit-kohya", marks=_WAN_KOHYA),
+    ("wan-t2v", "lorakit-kohya"),
 ], indirect=["case"])
 def test_diffusers_reads_the_twin(case: Case, twin: str, tmp_path: Path) -> None:
     """diffusers' own converters read the twin to PEFT's output: an independent check that a hand-built twin is a

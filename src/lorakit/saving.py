@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from torch import nn
 
 from .errors import MatchError
 from .families import Resolver, components_of, detect_family
-from .families.kohya_names import KohyaNames
+from .families.kohya_names import DIFFUSERS_NAMED, KohyaNames
 from .families.offline import meta_components, variant_for
 from .formats.conventions import peft_prefix
 from .formats.writer import check_peft_expressible
@@ -69,7 +70,37 @@ def _in_kohya_layout(lora: LoRA, model: object) -> LoRA:
     denoiser = comps.get("denoiser")
     prefix = peft_prefix("denoiser", transformer=denoiser is None or "UNet" not in type(denoiser).__name__)
     moved, _unmatched = to_model_layout(lora, Resolver(comps), denoiser_prefix=prefix)
+    if model is None and "UNet" in type(denoiser).__name__ and family not in DIFFUSERS_NAMED:
+        misfit = _misfit(moved, comps)
+        if misfit is not None:
+            # SGM block numbers follow the UNet's layout (layers per block, where the attentions are): a LoRA for
+            # another layout than the family's published model would get wrong numbers, so keep diffusers names
+            warnings.warn(f"{misfit} does not fit the {family} model, so its original (SGM) block numbers are "
+                          "unknown; writing diffusers module names (flattened). Pass the model (convert --model "
+                          "DIR) to write SGM names.", stacklevel=3)
+            family = None
     return to_kohya_layout(moved, KohyaNames(comps, family), comps)
+
+
+def _misfit(lora: LoRA, comps: Mapping[str, nn.Module]) -> str | None:
+    """The first layer whose delta does not have its module's weight shape (``None``: all fit)."""
+    for layer in lora:
+        module = comps.get(layer.component or "")
+        weight = None if module is None or layer.flat or layer.weight is None else _weight(module, layer.path)
+        if weight is None:
+            continue
+        if layer.weight.out_features() != weight.shape[0] or layer.weight.delta_numel() != weight.numel():
+            return f"{layer.name} ({layer.weight.out_features()} rows for {tuple(weight.shape)})"
+    return None
+
+
+def _weight(root: nn.Module, path: str) -> torch.Tensor | None:
+    try:
+        module = root.get_submodule(path)
+    except AttributeError:
+        return None
+    weight = getattr(module, "weight", None)
+    return weight if isinstance(weight, torch.Tensor) else None
 
 
 def _kohya_family(lora: LoRA, model: object) -> str | None:
@@ -79,6 +110,8 @@ def _kohya_family(lora: LoRA, model: object) -> str | None:
         variant = variant_for(model)
         return "sd1" if variant in ("sd15", "sd2") else variant
     family = detect_family(lora)
+    if family is None and model is None and lora.format == "diffusers-old":
+        return "sd1"  # attention-processor files (diffusers <= 0.16) are SD 1.x/2.x UNet LoRAs: diffusers names
     if family is not None or model is None:
         return family
     denoiser = components_of(model).get("denoiser")

@@ -59,71 +59,90 @@ def _renamed(layer: Layer, slot: KohyaSlot, name: str) -> Layer:
     )
 
 
-def _check_rows(slot: KohyaSlot, part: Target, rows: int) -> None:
-    a, b = part.src_rows
-    if rows != b - a:
+Rows = dict[str, tuple[int, int]]
+
+
+def _out_rows(layer: Layer) -> int | None:
+    if layer.weight is not None:
+        return layer.weight.out_features()
+    bias = layer.delta_bias()
+    return None if bias is None else int(bias.shape[0])
+
+
+def _part_rows(slot: KohyaSlot, parts: dict[str, Layer]) -> Rows:
+    """Each part's rows in the fused weight: the LoRA's own sizes for the parts it has, the model's for the parts
+    it lacks (zero rows), which needs the LoRA to fit the model where it has parts."""
+    rows: Rows = {}
+    start, misfit = 0, None
+    for t in slot.parts:
+        size = t.src_rows[1] - t.src_rows[0]
+        own = _out_rows(parts[t.module]) if t.module in parts else None
+        if own is not None and own != size:
+            misfit = misfit or (t.module, own, size)
+            size = own
+        rows[t.module] = (start, start + size)
+        start += size
+    missing = [t.module for t in slot.parts if t.module not in parts]
+    if misfit and missing:
+        module, own, size = misfit
         raise ShapeMismatchError(
-            f"{part.module}: the LoRA has {rows} output rows where the model's module has {b - a}, so it cannot be "
-            f"fused into {slot.name}; pass the model the LoRA was trained for (--model DIR|tiny-<family>|variant)"
+            f"{module}: the LoRA has {own} output rows where the model has {size}, and it has no layer on "
+            f"{', '.join(missing)}, so the size of those rows of {slot.name} is unknown; pass the model the LoRA "
+            "was trained for (convert --model DIR|tiny-<family>|variant, save(model=...))"
         )
+    return rows
 
 
-def _rows(slot: KohyaSlot) -> int:
-    return max(t.src_rows[1] for t in slot.parts)
-
-
-def _fused_weight(slot: KohyaSlot, parts: dict[str, Layer]) -> WeightAdapter | None:
+def _fused_weight(slot: KohyaSlot, parts: dict[str, Layer], rows: Rows) -> WeightAdapter | None:
     weights = {m: ly.weight for m, ly in parts.items() if ly.weight is not None}
     if not weights:
         return None
     factors = {m: w.low_rank() for m, w in weights.items()}
     if all(f is not None for f in factors.values()) and len({f.in_shape for f in factors.values()}) == 1:
-        return _block_diagonal(slot, factors)
-    first = next(iter(weights.values()))
-    dtype = first.dtype
+        return _block_diagonal(slot, factors, rows)
+    total = max(b for _, b in rows.values())
     full = None
     for m, w in weights.items():
-        t = slot.part(m)
-        _check_rows(slot, t, w.out_features())
-        delta = _unplaced(w.natural_delta(), t)
+        delta = _unplaced(w.natural_delta(), slot.part(m))
         if full is None:
-            full = torch.zeros((_rows(slot), *delta.shape[1:]), dtype=torch.float32)
-        full[t.src_rows[0]:t.src_rows[1]] = delta
-    return FullDiff(diff=full.to(dtype))
+            full = torch.zeros((total, *delta.shape[1:]), dtype=torch.float32)
+        a, b = rows[m]
+        full[a:b] = delta
+    return FullDiff(diff=full.to(next(iter(weights.values())).dtype))
 
 
-def _block_diagonal(slot: KohyaSlot, factors: dict) -> LoRAWeights:
-    ordered = [(slot.part(m), f) for m, f in factors.items()]
-    ordered.sort(key=lambda pair: pair[0].src_rows[0])
+def _block_diagonal(slot: KohyaSlot, factors: dict, rows: Rows) -> LoRAWeights:
+    ordered = sorted(factors.items(), key=lambda item: rows[item[0]][0])
     ref = ordered[0][1].scale
     dtype = ordered[0][1].down.dtype
     rank = sum(f.rank for _, f in ordered)
     in_shape = ordered[0][1].in_shape
-    up = torch.zeros((_rows(slot), rank), dtype=dtype)
+    up = torch.zeros((max(b for _, b in rows.values()), rank), dtype=dtype)
     downs, col = [], 0
-    for t, f in ordered:
-        _check_rows(slot, t, f.up.shape[0])
-        u = _unplaced(f.up, t)
+    for m, f in ordered:
+        u = _unplaced(f.up, slot.part(m))
         if f.scale != ref:  # fold this part's alpha/rank into its up, relative to the written one
-            u = (u.float() * (f.scale / ref)).to(dtype)
-        up[t.src_rows[0]:t.src_rows[1], col:col + f.rank] = u.to(dtype)
+            u = u.float() * (f.scale / ref)
+        a, b = rows[m]
+        up[a:b, col:col + f.rank] = u.to(dtype)
         downs.append(f.down.to(dtype))
         col += f.rank
-    down = torch.cat(downs, dim=0).reshape(rank, *in_shape) if in_shape else torch.cat(downs, dim=0)
-    if down.dim() > 2:
-        up = up.reshape(*up.shape, *([1] * (down.dim() - 2)))
+    down = torch.cat(downs, dim=0)
+    if len(in_shape) > 1:  # a conv: down [R, in, kh, kw], up [out, R, 1, 1]
+        down = down.reshape(rank, *in_shape)
+        up = up.reshape(*up.shape, *([1] * (len(in_shape) - 1)))
     return LoRAWeights(down=down.contiguous(), up=up, alpha=ref * rank)
 
 
-def _fused_bias(slot: KohyaSlot, parts: dict[str, Layer]) -> torch.Tensor | None:
+def _fused_bias(slot: KohyaSlot, parts: dict[str, Layer], rows: Rows) -> torch.Tensor | None:
     biases = {m: ly.delta_bias() for m, ly in parts.items()}
     biases = {m: b for m, b in biases.items() if b is not None}
     if not biases:
         return None
-    out = torch.zeros(_rows(slot), dtype=torch.float32)
-    for m, b in biases.items():
-        t = slot.part(m)
-        out[t.src_rows[0]:t.src_rows[1]] = _unplaced(b, t)
+    out = torch.zeros(max(b for _, b in rows.values()), dtype=torch.float32)
+    for m, bias in biases.items():
+        a, b = rows[m]
+        out[a:b] = _unplaced(bias, slot.part(m))
     dtype = next(ly.bias.dtype if ly.bias is not None else ly.weight.dtype for ly in parts.values()
                  if ly.bias is not None or ly.weight is not None)
     return out.to(dtype)
@@ -137,8 +156,9 @@ def _fused(slot: KohyaSlot, parts: dict[str, Layer], name: str) -> Layer:
                 f"{layer.name}: {what} on {layer.path} cannot be fused into {slot.name} (the original model's fused "
                 "projection) without the base weights; save with format='peft', or apply/merge it instead"
             )
-    weight = _fused_weight(slot, parts)
-    bias = _fused_bias(slot, parts)
+    rows = _part_rows(slot, parts)
+    weight = _fused_weight(slot, parts, rows)
+    bias = _fused_bias(slot, parts, rows)
     keys = tuple(k for layer in parts.values() for k in layer.keys)
     first = next(iter(parts.values()))
     return dataclasses.replace(first, name=name, component=slot.component, path=slot.name, flat=False,
