@@ -259,7 +259,7 @@ def test_sdxl_without_a_fitting_model_keeps_diffusers_names(tmp_path):
     src = peft_file(tmp_path / "sdxl.safetensors", {"unet": unet}, {"unet": names}, seed=5,
                     metadata={"ss_base_model_version": "sdxl_base_v1-0"})
     dst = tmp_path / "sdxl-kohya.safetensors"
-    with pytest.warns(UserWarning, match="SGM"):
+    with pytest.warns(UserWarning, match="does not fit any published sdxl model"):
         convert(src, dst)
     assert layers(dst) == {"lora_unet_" + n.replace(".", "_") for n in names}
 
@@ -327,15 +327,14 @@ WAN = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q",
        "attn2.to_out.0", "ffn.net.0.proj", "ffn.net.2")
 
 
-@pytest.mark.parametrize("model", ["pipe", None])
-def test_wan_gets_musubi_names_that_diffusers_reads(model, tmp_path):
+def test_wan_gets_musubi_names_that_diffusers_reads(tmp_path):
     pipe = lorakit.tiny_pipeline("wan-t2v", seed=0)
     tr = pipe.transformer
     names = _linears(tr, WAN)
     src = peft_file(tmp_path / "wan.safetensors", {"transformer": tr}, {"transformer": names}, seed=8,
                     metadata={"lora_adapter_metadata": json.dumps({"transformer.r": RANK, "transformer.lora_alpha": 8})})
     dst = tmp_path / "wan-kohya.safetensors"
-    convert(src, dst, model=pipe if model else None)
+    convert(src, dst, model=pipe)
     got = layers(dst)
     for name in ("lora_unet_blocks_0_self_attn_q", "lora_unet_blocks_0_self_attn_k", "lora_unet_blocks_0_self_attn_o",
                  "lora_unet_blocks_1_cross_attn_q", "lora_unet_blocks_0_cross_attn_o", "lora_unet_blocks_0_ffn_0",
@@ -366,23 +365,24 @@ def test_unknown_family_keeps_the_file_names(tmp_path):
     assert "lora_transformer_foo.alpha" in keys(dst)
 
 
-def test_cosmos_and_sd3_write_original_names(tmp_path):
+@pytest.mark.parametrize(("family", "variant", "module", "want"), [
+    ("cosmos", "cosmos", "transformer_blocks.0.attn1.to_q", "lora_unet_blocks_0_self_attn_q_proj"),
+    ("sd3", "sd3", "transformer_blocks.0.attn.to_q", "lora_unet_joint_blocks_0_x_block_attn_qkv"),
+    # no model: the published Wan that fits (1.3B here, not the default 14B) names the modules
+    ("wan", None, "blocks.29.attn2.to_out.0", "lora_unet_blocks_29_cross_attn_o"),
+])
+def test_other_families_write_original_names(family, variant, module, want, tmp_path):
     """Families with original names in lorakit's tables write them (docs/families.md lists which)."""
     from lorakit.families.offline import meta_components
 
-    for family, module, want in (
-        ("cosmos", "transformer_blocks.0.attn1.to_q", "lora_unet_blocks_0_self_attn_q_proj"),
-        ("sd3", "transformer_blocks.0.attn.to_q", "lora_unet_joint_blocks_0_x_block_attn_qkv"),
-    ):
-        meta = meta_components(family, ("denoiser",))["denoiser"]
-        a = torch.zeros(RANK, meta.get_submodule(module).in_features)
-        b = torch.zeros(meta.get_submodule(module).out_features, RANK)
-        a[0, 0] = b[0, 0] = 1.0
-        src = tmp_path / f"{family}.safetensors"
-        save_file({f"transformer.{module}.lora_A.weight": a, f"transformer.{module}.lora_B.weight": b}, str(src))
-        dst = tmp_path / f"{family}-kohya.safetensors"
-        convert(src, dst, model=family)
-        assert layers(dst) == {want}
+    meta = meta_components(variant or "wan2.1-t2v-1.3b", ("denoiser",))["denoiser"]
+    a = torch.zeros(RANK, meta.get_submodule(module).in_features)
+    b = torch.zeros(meta.get_submodule(module).out_features, RANK)
+    a[0, 0] = b[0, 0] = 1.0
+    src, dst = tmp_path / f"{family}.safetensors", tmp_path / f"{family}-kohya.safetensors"
+    save_file({f"transformer.{module}.lora_A.weight": a, f"transformer.{module}.lora_B.weight": b}, str(src))
+    convert(src, dst, model=variant)
+    assert layers(dst) == {want}
 
 
 def test_converting_leaves_the_model_untouched(tmp_path):

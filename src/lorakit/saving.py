@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import MatchError
+from .errors import MatchError, ShapeMismatchError
 from .families import Resolver, components_of, detect_family
 from .families.kohya_names import DIFFUSERS_NAMED, KohyaNames
-from .families.offline import meta_components, variant_for
+from .families.offline import VARIANTS, meta_components, variant_for
 from .formats.conventions import peft_prefix
 from .formats.writer import check_peft_expressible
 from .formats.writer import save as write
@@ -62,24 +62,47 @@ def save(
 
 
 def _in_kohya_layout(lora: LoRA, model: object) -> LoRA:
-    """The LoRA in the names kohya's trainers write for its family (unchanged when no family is known)."""
+    """The LoRA in the names kohya's trainers write for its family (unchanged when no family is known).
+
+    Without a model, the family's published models (default variant first) name the modules; the first whose
+    shapes fit every layer is used. A LoRA that fits none (a tiny or custom-size model) keeps its own names, with a
+    warning: original names depend on the model (SGM block numbers on the UNet's layout, fused rows on its
+    widths), so guessing could misname layers."""
     family = _kohya_family(lora, model)
     if family is None:
         return lora
-    comps = meta_components(family, _wanted(lora)) if model is None else _components(model, lora)
+    if model is not None:
+        comps = _components(model, lora)
+        return to_kohya_layout(_moved(lora, comps), KohyaNames(comps, family), comps)
+    misfit = None
+    for variant in _variants(family):
+        comps = meta_components(variant, _wanted(lora))
+        try:
+            moved = _moved(lora, comps)
+        except ShapeMismatchError as exc:
+            misfit = misfit or str(exc)
+            continue
+        wrong = None if family in DIFFUSERS_NAMED else _misfit(moved, comps)
+        if wrong is None:
+            return to_kohya_layout(moved, KohyaNames(comps, family), comps)
+        misfit = misfit or wrong
+    warnings.warn(f"{misfit}: the LoRA does not fit any published {family} model, so the names kohya's trainers "
+                  "would give its layers are unknown; keeping the file's own names (flattened). Pass the model "
+                  "(convert --model DIR|tiny-<family>, save(model=...)) to write kohya's names.", stacklevel=3)
+    return lora
+
+
+def _variants(family: str) -> list[str]:
+    """The family's published models on the meta device, its default first (``wan``: 14B, then 1.3B, ...)."""
+    default = variant_for(family)
+    return [default, *sorted(v for v in VARIANTS if v.startswith(family) and v != default)]
+
+
+def _moved(lora: LoRA, comps: Mapping[str, nn.Module]) -> LoRA:
     denoiser = comps.get("denoiser")
     prefix = peft_prefix("denoiser", transformer=denoiser is None or "UNet" not in type(denoiser).__name__)
     moved, _unmatched = to_model_layout(lora, Resolver(comps), denoiser_prefix=prefix)
-    if model is None and "UNet" in type(denoiser).__name__ and family not in DIFFUSERS_NAMED:
-        misfit = _misfit(moved, comps)
-        if misfit is not None:
-            # SGM block numbers follow the UNet's layout (layers per block, where the attentions are): a LoRA for
-            # another layout than the family's published model would get wrong numbers, so keep diffusers names
-            warnings.warn(f"{misfit} does not fit the {family} model, so its original (SGM) block numbers are "
-                          "unknown; writing diffusers module names (flattened). Pass the model (convert --model "
-                          "DIR) to write SGM names.", stacklevel=3)
-            family = None
-    return to_kohya_layout(moved, KohyaNames(comps, family), comps)
+    return moved
 
 
 def _misfit(lora: LoRA, comps: Mapping[str, nn.Module]) -> str | None:
