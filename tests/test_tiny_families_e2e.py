@@ -323,10 +323,18 @@ def test_native_twin_matches_diffusers_names(case: Case, twin: str, tmp_path: Pa
     assert float(np.abs(got - case.base).max()) > MIN_EFFECT
 
 
+_WAN_KOHYA = pytest.mark.xfail(strict=True, reason=(
+    "the tiny Wan fits no published Wan, so lorakit.save(format='kohya') without a model keeps its own names "
+    "(lora_transformer_blocks_N_attn1_to_q, with a warning); with the model it writes musubi's "
+    "lora_unet_blocks_N_self_attn_q, but diffusers' musubi converter (0.42.1) then wants every block's self_attn and "
+    "cross_attn q/k/v/o and ffn_0/ffn_2 (KeyError on this attention-only LoRA). tests/test_convert_kohya_names.py "
+    "checks diffusers on a Wan LoRA with all of them"))
+
+
 @pytest.mark.parametrize(("case", "twin"), [
     ("sdxl", "original"), ("wan-t2v", "original"), ("wan-i2v", "original"),
     ("sdxl", "lorakit-kohya"), ("flux", "lorakit-kohya"),
-    ("wan-t2v", "lorakit-kohya"),
+    pytest.param("wan-t2v", "lorakit-kohya", marks=_WAN_KOHYA),
 ], indirect=["case"])
 def test_diffusers_reads_the_twin(case: Case, twin: str, tmp_path: Path) -> None:
     """diffusers' own converters read the twin to PEFT's output: an independent check that a hand-built twin is a
