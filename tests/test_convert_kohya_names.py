@@ -217,7 +217,8 @@ def test_diffusers_splits_flux1_size_linear1_back_exactly(tmp_path):
         a, b = state[f"transformer.{name}.lora_A.weight"], state[f"transformer.{name}.lora_B.weight"]
         ca, cb = converted[f"transformer.{name}.lora_A.weight"], converted[f"transformer.{name}.lora_B.weight"]
         want = b @ a
-        torch.testing.assert_close(cb.float() @ ca.float(), want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
+        err = float((cb.float() @ ca.float() - want).abs().max())  # (assert_close takes seconds at this size)
+        assert 0 < float(want.abs().max()) and err <= 1e-6 * float(want.abs().max()), (name, err)
 
 
 # -- SDXL / SD 1.x -----------------------------------------------------------------------------------------------
