@@ -1,24 +1,30 @@
-"""``lorakit.save``: resolve, then write. Kohya files keep the LoRA's own names; PEFT files name the target
-model's modules, so the LoRA is first moved into the model's layout (or the detected family's meta model's)."""
+"""``lorakit.save``: resolve, then write. PEFT files name the target model's modules, so the LoRA is first moved
+into the model's layout (or the detected family's meta model's). Kohya files name the modules as kohya's trainers
+do for the family (sd-scripts / musubi-tuner: the original model's names, fused projections fused), so the LoRA is
+moved into the model's layout and then into the original one (:mod:`lorakit.placement.kohya_layout`); a file whose
+family is unknown keeps its own names."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .errors import MatchError
+from .errors import MatchError, ShapeMismatchError
 from .families import Resolver, components_of, detect_family
-from .families.offline import meta_components
+from .families.kohya_names import DIFFUSERS_NAMED, KohyaNames
+from .families.offline import VARIANTS, meta_components, variant_for
 from .formats.conventions import peft_prefix
 from .formats.writer import check_peft_expressible
 from .formats.writer import save as write
 from .io import parse_dtype
 from .model import LoRA
+from .placement.kohya_layout import to_kohya_layout
 from .placement.layout import to_model_layout
 
 __all__ = ["save"]
@@ -38,8 +44,13 @@ def save(
 
     ``dtype`` ("fp16", "bf16", "fp32", ... or a torch dtype) casts float tensors. ``model`` (a pipeline, a module,
     ``{component: module}`` or a family name such as ``"flux1"``) names the modules a PEFT file is written for;
-    without one, the family detected from the file's names is used. Kohya files need no model."""
+    without one, the family detected from the file's names is used. Kohya files get the names kohya's trainers
+    write for that family (FLUX.1 ``lora_unet_double_blocks_0_img_attn_qkv``, SDXL ``lora_unet_input_blocks_...``,
+    Wan ``lora_unet_blocks_0_self_attn_q``, SD 1.x the diffusers names flattened); with no model and no detected
+    family they keep the file's own names."""
     dtype = parse_dtype(dtype)
+    if format == "kohya":
+        return write(_in_kohya_layout(lora, model), path, format, dtype=dtype, inputs=inputs)
     if format != "peft":
         return write(lora, path, format, dtype=dtype, inputs=inputs)
     check_peft_expressible(lora)  # say what cannot be expressed before building a model to resolve names
@@ -48,6 +59,90 @@ def save(
     lora = _flat_names_resolved(lora, comps)
     prefix = None if model is None else peft_prefix("denoiser", transformer=_denoiser_is_transformer(model, comps))
     return write(lora, path, "peft", dtype=dtype, inputs=inputs, denoiser_prefix=prefix)
+
+
+def _in_kohya_layout(lora: LoRA, model: object) -> LoRA:
+    """The LoRA in the names kohya's trainers write for its family (unchanged when no family is known).
+
+    Without a model, the family's published models (default variant first) name the modules; the first whose
+    shapes fit every layer is used. A LoRA that fits none (a tiny or custom-size model) keeps its own names, with a
+    warning: original names depend on the model (SGM block numbers on the UNet's layout, fused rows on its
+    widths), so guessing could misname layers."""
+    family = _kohya_family(lora, model)
+    if family is None:
+        return lora
+    if model is not None:
+        comps = _components(model, lora)
+        return to_kohya_layout(_moved(lora, comps), KohyaNames(comps, family), comps)
+    misfit = None
+    for variant in _variants(family):
+        comps = meta_components(variant, _wanted(lora))
+        try:
+            moved = _moved(lora, comps)
+        except ShapeMismatchError as exc:
+            misfit = misfit or str(exc)
+            continue
+        wrong = None if family in DIFFUSERS_NAMED else _misfit(moved, comps)
+        if wrong is None:
+            return to_kohya_layout(moved, KohyaNames(comps, family), comps)
+        misfit = misfit or wrong
+    warnings.warn(f"{misfit}: the LoRA does not fit any published {family} model, so the names kohya's trainers "
+                  "would give its layers are unknown; keeping the file's own names (flattened). Pass the model "
+                  "(convert --model DIR|tiny-<family>, save(model=...)) to write kohya's names.", stacklevel=3)
+    return lora
+
+
+def _variants(family: str) -> list[str]:
+    """The family's published models on the meta device, its default first (``wan``: 14B, then 1.3B, ...)."""
+    default = variant_for(family)
+    return [default, *sorted(v for v in VARIANTS if v.startswith(family) and v != default)]
+
+
+def _moved(lora: LoRA, comps: Mapping[str, nn.Module]) -> LoRA:
+    denoiser = comps.get("denoiser")
+    prefix = peft_prefix("denoiser", transformer=denoiser is None or "UNet" not in type(denoiser).__name__)
+    moved, _unmatched = to_model_layout(lora, Resolver(comps), denoiser_prefix=prefix)
+    return moved
+
+
+def _misfit(lora: LoRA, comps: Mapping[str, nn.Module]) -> str | None:
+    """The first layer whose delta does not have its module's weight shape (``None``: all fit)."""
+    for layer in lora:
+        module = comps.get(layer.component or "")
+        weight = None if module is None or layer.flat or layer.weight is None else _weight(module, layer.path)
+        if weight is None:
+            continue
+        if layer.weight.out_features() != weight.shape[0] or layer.weight.delta_numel() != weight.numel():
+            return f"{layer.name} ({layer.weight.out_features()} rows for {tuple(weight.shape)})"
+    return None
+
+
+def _weight(root: nn.Module, path: str) -> torch.Tensor | None:
+    try:
+        module = root.get_submodule(path)
+    except AttributeError:
+        return None
+    weight = getattr(module, "weight", None)
+    return weight if isinstance(weight, torch.Tensor) else None
+
+
+def _kohya_family(lora: LoRA, model: object) -> str | None:
+    """The family whose kohya names to write: a family name given as ``model``, else the file's detected family,
+    else (a live model) SDXL or SD 1.x from a UNet's cross-attention width; ``None`` when none is known."""
+    if isinstance(model, str):
+        variant = variant_for(model)
+        return "sd1" if variant in ("sd15", "sd2") else variant
+    family = detect_family(lora)
+    if family is None and model is None and lora.format == "diffusers-old":
+        return "sd1"  # attention-processor files (diffusers <= 0.16) are SD 1.x/2.x UNet LoRAs: diffusers names
+    if family is not None or model is None:
+        return family
+    denoiser = components_of(model).get("denoiser")
+    if denoiser is None:
+        return None
+    if "UNet" in type(denoiser).__name__:
+        return "sdxl" if getattr(getattr(denoiser, "config", None), "cross_attention_dim", None) == 2048 else "sd1"
+    return type(denoiser).__name__
 
 
 def _wanted(lora: LoRA) -> tuple[str, ...]:

@@ -117,13 +117,20 @@ def _is_family(name: str) -> bool:
 @click.option("--to", "fmt", type=click.Choice(["kohya", "peft"]), required=True, help="Output naming convention.")
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default=None, help="Cast float tensors.")
 @click.option("--model", default=None,
-              help="Diffusers folder, 'tiny' or a family name (flux1, sdxl, sd3, wan, ...): resolves names for --to peft.")
+              help="Diffusers folder, 'tiny[-FAMILY]' or a family/variant name (flux1, sdxl, sd15, wan2.1-t2v-1.3b, ...): "
+                   "the modules --to peft names, and the family whose kohya names --to kohya writes (default: "
+                   "detected from the file).")
 def convert_cmd(src: str, dst: str, fmt: str, dtype: str | None, model: str | None) -> None:
     """Rewrite a LoRA in kohya/A1111/ComfyUI or diffusers/PEFT naming (atomic; never over the input).
+
+    --to kohya writes the names kohya's trainers write for the family (sd-scripts / musubi-tuner): FLUX.1
+    lora_unet_double_blocks_0_img_attn_qkv (fused q/k/v), SDXL lora_unet_input_blocks_4_1_..., Wan
+    lora_unet_blocks_0_self_attn_q, SD 1.x the diffusers names flattened; always with .alpha.
 
     \b
         lorakit convert style.safetensors style-peft.safetensors --to peft --model ./my-sd15
         lorakit convert style-peft.safetensors style-kohya.safetensors --to kohya --dtype fp16
+        lorakit convert flux-peft.safetensors flux-kohya.safetensors --to kohya --model flux1
     """
     from .. import load, save
 

@@ -66,8 +66,11 @@ def _kohya_state_dict(lora: LoRA, put: Put, out: dict[str, torch.Tensor]) -> Non
             up_bias = tensors.pop("up_bias", None)
             for field, t in tensors.items():
                 put(f"{base}.{_KOHYA_FIELDS.get(field, field)}", t)
-            if layer.weight.alpha is not None:
-                out[f"{base}.alpha"] = torch.tensor(float(layer.weight.alpha))
+            alpha = layer.weight.alpha
+            if alpha is None and layer.weight.kind == "lora":
+                alpha = layer.weight.rank  # kohya always writes alpha; none means a scale of 1, i.e. alpha = rank
+            if alpha is not None:
+                out[f"{base}.alpha"] = torch.tensor(float(alpha))
             on_input = getattr(layer.weight, "on_input", None)  # (IA)^3's side flag: a flag, not a parameter
             if on_input is not None:
                 out[f"{base}.on_input"] = on_input
