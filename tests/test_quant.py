@@ -371,7 +371,9 @@ def test_hook_branch_runs_in_activation_dtype(name: str) -> None:
     with lorakit.apply(m, lora, mode="hook"):
         y = m(x)
     assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y, ref, rtol=0, atol=0)  # same ops in the same dtype
+    # the same math in the same dtype; hook mode adds s·B(Ax) as one GEMM pair with s·α/r folded into B, so the
+    # rounding differs from this reference's by bf16 steps only
+    torch.testing.assert_close(y, ref, rtol=1.6e-2, atol=2e-2)
     assert _rel(y, base) > 0.02
 
 
