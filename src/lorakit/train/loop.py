@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import FormatError, InternalError
 from ..families import components_of
@@ -24,7 +23,7 @@ from ..pipelines import load_pipeline
 from ..runtime import apply
 from .build import Built, from_file, new_network
 from .config import TrainConfig, TrainResult
-from .data import Sample, load_samples, split, to_pixels
+from .data import Sample, load_samples, split, to_pixels, to_video_pixels
 from .dist import world
 from .objective import Denoiser, denoiser_for
 from .output import denoiser_prefix, write
@@ -93,9 +92,10 @@ class _Run:
 
     def __init__(self, pipe: Any, samples: list[Sample], config: TrainConfig, log: Callable[[str], None]) -> None:
         self.pipe, self.config, self.log = pipe, config, log
+        self.frames = _frames(config) if samples and samples[0].video else None
         self.train_samples, self.val_samples = split(samples, config.validation_split)
         if config.validation_data is not None:
-            self.val_samples = load_samples(config.validation_data)
+            self.val_samples = load_samples(config.validation_data, frames=self.frames)
         if not self.val_samples and config.validate_every:
             self.val_samples = self.train_samples[:4]
         self.world = world()
@@ -125,6 +125,7 @@ class _Run:
         self.pipe.to(self.device)
         self.denoiser = denoiser_for(self.pipe, self.device)
         self.denoiser.guidance = c.guidance
+        self._check_frames()
         self.components = components = components_of(self.pipe)
         for module in components.values():
             for p in module.parameters():
@@ -151,6 +152,16 @@ class _Run:
             self._resume(Path(c.resume))
         elif self.built.source is not None:
             self.start_difference = self.start_check()
+
+    def _check_frames(self) -> None:
+        if self.frames is None:
+            return
+        step = int(getattr(self.pipe, "vae_scale_factor_temporal", 1) or 1)
+        if (self.frames - 1) % step:
+            raise ValueError(
+                f"--frames {self.frames}: the {type(self.pipe).__name__} VAE compresses time {step}x, so a clip needs "
+                f"{step}k+1 frames (e.g. {((self.frames - 1) // step) * step + 1} or {((self.frames - 1) // step + 1) * step + 1})"
+            )
 
     @torch.no_grad()
     def start_check(self) -> float:
@@ -215,13 +226,30 @@ class _Run:
         key = ("latents", sample.source, sample.caption)
         hit = self._cache.get(key)
         if hit is None:
-            pixels = to_pixels(sample.open(), self.config.resolution)[None]
+            if sample.video:
+                pixels = to_video_pixels(sample.open(), self.config.resolution, self.frames)[None]
+            else:
+                pixels = to_pixels(sample.open(), self.config.resolution)[None]
             hit = self.denoiser.encode_images(pixels)
             if self.config.cache_latents:
                 self._cache[key] = hit
         return hit
 
     def _text(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        if self.text_grad:
+            return self.denoiser.encode_text(captions)  # LoRA on the text encoder: with grad, never cached
+        with torch.no_grad():
+            return self._text_no_grad(captions)
+
+    @property
+    def text_grad(self) -> bool:
+        """Some trainable layer sits on a text encoder: captions are encoded with grad, every step."""
+        built = self.built
+        return built is not None and any(
+            e.trainable and e.target.component.startswith("text_encoder") for e in built.network.entries
+        ) and torch.is_grad_enabled()
+
+    def _text_no_grad(self, captions: list[str]) -> dict[str, torch.Tensor]:
         if not self.config.cache_latents:
             return self.denoiser.encode_text(captions)
         parts = []
@@ -242,7 +270,7 @@ class _Run:
         noisy, target = self.denoiser.noisy_and_target(x0, noise.to(x0.device), t)
         with self._autocast():
             pred = self.denoiser.predict(noisy, t, cond)
-        return F.mse_loss(pred.float(), target.float())
+        return self.denoiser.per_sample_loss(pred, target).mean()
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         mp = self.config.mixed_precision
@@ -355,7 +383,7 @@ class _Run:
 
     def samples_for_report(self) -> list[tuple[str, Any]]:
         """With ``validate_every``: an image per validation caption (up to 4), LoRA on, fixed seed."""
-        if not self.config.validate_every:
+        if not self.config.validate_every or self.denoiser.video:
             return []
         out = []
         for i, sample in enumerate(self.val_samples[:4]):
@@ -410,6 +438,32 @@ def _progress(enabled: bool, total: int, done: int) -> Any:
         yield advance
 
 
+VIDEO_PIPELINES = ("WanPipeline", "Cosmos2VideoToWorldPipeline")
+
+
+def _frames(config: TrainConfig) -> int:
+    return 5 if config.frames is None else config.frames
+
+
+def _is_video(pipe_or_dir: Any) -> bool:
+    """Whether ``pipe_or_dir`` is a video family lorakit trains (decided before any model is loaded, so the data
+    are checked first): a pipeline object, ``tiny-wan-t2v``/``tiny-cosmos``, or a folder's model_index.json."""
+    if not isinstance(pipe_or_dir, (str, os.PathLike)):
+        return type(pipe_or_dir).__name__ in VIDEO_PIPELINES
+    from ..pipelines import tiny_model_name
+
+    family = tiny_model_name(str(pipe_or_dir))
+    if family is not None:
+        return family in ("wan-t2v", "cosmos")
+    index = Path(pipe_or_dir) / "model_index.json"
+    try:
+        import json
+
+        return json.loads(index.read_text(encoding="utf-8")).get("_class_name") in VIDEO_PIPELINES
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _pipeline(pipe_or_dir: Any) -> Any:
     if isinstance(pipe_or_dir, (str, os.PathLike)):
         return load_pipeline(str(pipe_or_dir))
@@ -434,7 +488,7 @@ def train(
     is written. The pipeline is left as it was (hooks removed, frozen layers unfused, grad flags restored)."""
     config = config if config is not None else TrainConfig(**options)
     log = log or log_.info
-    samples = load_samples(data)
+    samples = load_samples(data, frames=_frames(config) if _is_video(pipe_or_dir) else None)
     pipe = _pipeline(pipe_or_dir)
     start = time.perf_counter()
     run = _Run(pipe, samples, config, log)
