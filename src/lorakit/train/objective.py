@@ -88,6 +88,31 @@ class Denoiser:
         a = self.noise_scheduler.alphas_cumprod.to(t.device)[t].float()
         return a / (1 - a)
 
+    def min_snr_weight(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Min-SNR-γ weights that make the loss ``min(SNR, γ)·|x̂0 - x0|²`` (Hang et al. 2023): ``min(SNR, γ)/SNR``
+        for ε, ``min(SNR, γ)/(SNR + 1)`` for v (diffusers' ``--snr_gamma``); for the flow velocity
+        ``|v̂ - v|² = |x̂0 - x0|²/σ²`` and ``1/σ² = (√SNR + 1)²``, so ``min(SNR, γ)/(√SNR + 1)²``."""
+        snr = self.snr(t)
+        clipped = snr.clamp(max=gamma)
+        if self.flow:
+            return clipped / (snr.sqrt() + 1) ** 2
+        if self.prediction == "v_prediction":
+            return clipped / (snr + 1)
+        return clipped / snr.clamp_min(1e-8)
+
+    def spatial_factor(self) -> int:
+        """Pixels per latent token side: the VAE's spatial factor times the UNet's downsamplings or the patch size."""
+        pipe = self.pipe
+        vae = int(getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_scale_factor", 8))
+        cfg = self.model.config
+        if not self.transformer:
+            return vae * 2 ** (len(cfg.block_out_channels) - 1)
+        patch = getattr(cfg, "patch_size", None) or 2
+        patch = patch[-1] if isinstance(patch, (tuple, list)) else patch
+        if type(self).__name__ == "FluxDenoiser":
+            patch = 2  # 2x2 latent packing
+        return vae * int(patch)
+
     def _dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
