@@ -3,6 +3,7 @@ coloured squares written as .mp4 with lorakit.media, decoded with PyAV."""
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from pathlib import Path
@@ -83,8 +84,8 @@ def test_tiny_wan_trains_and_diffusers_loads_the_file(clips, tmp_path):
                                             output=out, cache_latents=True, validation_split=0.25, seed=1))
     assert len(result.loss) == 12 and all(math.isfinite(x) for x in result.loss)
     (_, first), (_, last) = result.validation_loss[0], result.validation_loss[-1]
-    ups = [layer.weight.up for layer in result.lora.layers.values()]
-    assert last < first or any(u.abs().sum() > 0 for u in ups), result.validation_loss
+    assert last < first, result.validation_loss  # measured: 1.79 -> 1.47 (CPU, seed 1)
+    assert all(layer.weight.up.abs().sum() > 0 for layer in result.lora.layers.values())  # every layer moved
     assert torch.equal(_wan_out(pipe), base)  # hooks gone
     lora = lorakit.load(out)
     assert lora.format == "peft" and len(lora) == len(result.lora) > 0
@@ -110,3 +111,20 @@ def test_tiny_cosmos_trains(clips, tmp_path):
     assert len(lora) == len(result.lora) > 0
     with lorakit.apply(lorakit.tiny_pipeline("cosmos"), out) as patch:
         assert not patch.report.all_unmatched()
+
+
+def test_cli_trains_tiny_wan_with_frames_and_refuses_a_frame_count_the_vae_cannot_take(clips, tmp_path):
+    from click.testing import CliRunner
+
+    from lorakit.cli import cli
+
+    out = tmp_path / "cli.safetensors"
+    args = ["train", "--model", "tiny-wan-t2v", "--data", str(clips), "-o", str(out), "--steps", "2", "--resolution",
+            "32", "--rank", "2", "--frames", "5", "--json", "--no-report", "--min-snr-gamma", "5", "--noise-offset", "0.05"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["steps"] == 2 and all(math.isfinite(x) for x in info["loss"]) and out.is_file()
+    bad = CliRunner().invoke(cli, [*args[:-6], "--frames", "4", "-o", str(tmp_path / "bad.safetensors")])
+    assert bad.exit_code != 0 and "--frames 4" in str(bad.exception or bad.output) and "4k+1" in str(bad.exception or bad.output)
+    assert not (tmp_path / "bad.safetensors").exists()

@@ -98,6 +98,11 @@ class _Data:
         return {"batches": [list(b) for b in self.batches], "pos": self.pos, "epoch": self.epoch}
 
     def load(self, state: Mapping[str, Any]) -> None:
+        if "batches" not in state:  # a state.pt of the first version: one flat order and a sample position
+            order, size = list(state["order"]), self.batch_size
+            self.batches = [order[i : i + size] for i in range(0, len(order), size)]
+            self.pos, self.epoch = -(-int(state["pos"]) // size), int(state["epoch"])
+            return
         self.batches = [list(b) for b in state["batches"]]
         self.pos, self.epoch = int(state["pos"]), int(state["epoch"])
 
@@ -113,7 +118,7 @@ class _Run:
             self.val_samples = load_samples(config.validation_data, frames=self.frames)
         if not self.val_samples and config.validate_every:
             self.val_samples = self.train_samples[:4]
-        self.world = world()
+        self.world = world(config.device)
         self.device = self.world.device(config.device)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.sizes: dict[str, tuple[int, int]] = {}  # sample source -> its bucket (width, height)
