@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -17,9 +18,31 @@ def _patterns(values: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(p.strip() for v in values for p in v.split(",") if p.strip())
 
 
+#: validation and caching, the video families, the text encoder, buckets and loss weighting
+_MORE = [
+    click.option("--validate-every", type=int, default=None, help="Validation loss every N steps."),
+    click.option("--validation-split", type=float, default=0.0, show_default=True, help="Fraction of samples held out."),
+    click.option("--cache-latents", is_flag=True, help="Encode each image and caption once."),
+    click.option("--frames", type=int, default=None, help="Video families (Wan, Cosmos): frames taken from each clip, 4k+1 [default: 5]."),
+    click.option("--train-text-encoder", is_flag=True, help="Also train a LoRA on the CLIP text encoder(s)."),
+    click.option("--text-encoder-lr", type=float, default=None, help="Learning rate of the text-encoder LoRA [default: --lr]."),
+    click.option("--buckets", is_flag=True, help="Aspect-ratio buckets around --resolution² (batches hold one bucket)."),
+    click.option("--bucket-step", type=int, default=64, show_default=True, help="Bucket side grid in pixels."),
+    click.option("--min-snr-gamma", type=float, default=None, help="Min-SNR-γ loss weighting (e.g. 5)."),
+    click.option("--noise-offset", type=float, default=0.0, show_default=True, help="Noise offset (e.g. 0.05)."),
+]
+
+
+def _more_options(f: Callable[..., None]) -> Callable[..., None]:
+    for option in reversed(_MORE):
+        f = option(f)
+    return f
+
+
 @click.command("train")
 @click.option("--model", required=True, help="Local diffusers folder, 'tiny' or 'tiny-<family>'.")
-@click.option("--data", required=True, help="Folder of images with .txt captions, or a metadata.jsonl.")
+@click.option("--data", required=True,
+              help="Folder of images (video families: .mp4 clips) with .txt captions, a metadata.jsonl, or .tar shards.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The LoRA file to write.")
 @click.option("--init", default=None, type=click.Path(exists=True, dir_okay=False), help="Continue this LoRA file.")
 @click.option("--train-modules", multiple=True, metavar="PATTERN,...",
@@ -47,9 +70,7 @@ def _patterns(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--save-every", type=int, default=None, help="Write the LoRA (and --state-dir) every N steps.")
 @click.option("--state-dir", default=None, type=click.Path(file_okay=False), help="Optimizer/scheduler/RNG/step state.")
 @click.option("--resume", default=None, type=click.Path(exists=True), help="Continue a run from its --state-dir.")
-@click.option("--validate-every", type=int, default=None, help="Validation loss every N steps.")
-@click.option("--validation-split", type=float, default=0.0, show_default=True, help="Fraction of samples held out.")
-@click.option("--cache-latents", is_flag=True, help="Encode each image and caption once.")
+@_more_options
 @click.option("--format", "fmt", type=click.Choice(["kohya", "peft", "same"]), default=None,
               help="Output naming [default: same with --init, kohya for UNets, peft for transformers].")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, ... [default: cuda when available].")

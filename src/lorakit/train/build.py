@@ -15,11 +15,12 @@ from torch import nn
 from ..errors import MatchError, RankMismatchError, ShapeMismatchError, UnsupportedAdapterError
 from ..families import Resolver
 from ..families.base import Target
+from ..formats.conventions import peft_prefix
 from ..model import Layer, LoRA
 from .config import PRESETS, TrainConfig
 from .network import Entry, LoRAModule, Network, matches, no_match_error, shape_problem
 
-__all__ = ["Built", "from_file", "new_network"]
+__all__ = ["TE_PRESETS", "Built", "from_file", "new_network", "text_encoders"]
 
 
 @dataclasses.dataclass
@@ -44,9 +45,18 @@ def _kernel(module: nn.Module) -> tuple[int, ...]:
     return tuple(module.kernel_size) if isinstance(module, nn.Conv2d) else ()
 
 
-def _pick_new(denoiser: nn.Module, config: TrainConfig) -> list[tuple[str, nn.Module, int, float]]:
-    """``(module path, module, rank, alpha)`` of every module a new LoRA covers."""
-    patterns = _target_patterns(config)
+#: ``--train-text-encoder``: CLIP projections a new LoRA covers per preset (kohya and diffusers train these)
+TE_PRESETS: dict[str, tuple[str, ...]] = {
+    "attn": ("q_proj", "k_proj", "v_proj", "out_proj"),
+    "attn-mlp": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+    "all-linear": ("*",),
+}
+
+
+def _pick_new(denoiser: nn.Module, config: TrainConfig, text_encoder: bool = False) -> list[tuple[str, nn.Module, int, float]]:
+    """``(module path, module, rank, alpha)`` of every module a new LoRA covers (``text_encoder``: the CLIP
+    projections of :data:`TE_PRESETS`; ``--targets`` names denoiser modules only)."""
+    patterns = TE_PRESETS[config.preset or "attn"] if text_encoder else _target_patterns(config)
     chosen: list[tuple[str, nn.Module, int, float]] = []
     used: set[str] = set()
     candidates = [(n, m) for n, m in denoiser.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and n]
@@ -70,6 +80,10 @@ def _pick_new(denoiser: nn.Module, config: TrainConfig) -> list[tuple[str, nn.Mo
             alpha = config.alpha if config.alpha is not None else float(rank)
         chosen.append((name, module, rank, alpha))
     names = [n for n, _ in candidates]
+    if text_encoder:
+        if not chosen:
+            raise no_match_error("--train-text-encoder", ",".join(patterns), names)
+        return chosen
     for p in config.targets:  # a preset names projections of several families: only typed patterns must hit
         if p not in used:
             raise no_match_error("--targets", p, names)
@@ -78,11 +92,28 @@ def _pick_new(denoiser: nn.Module, config: TrainConfig) -> list[tuple[str, nn.Mo
     return chosen
 
 
-def new_network(denoiser: nn.Module, config: TrainConfig, generator: torch.Generator, prefix: str) -> Built:
-    """Fresh LoRA layers: ``down`` Kaiming-uniform (as PEFT), ``up`` zero, so step 0 equals the base model."""
+def text_encoders(components: Mapping[str, nn.Module]) -> dict[str, nn.Module]:
+    """The CLIP text encoders ``--train-text-encoder`` puts a LoRA on, or :class:`UnsupportedAdapterError`."""
+    found = {k: m for k, m in components.items() if k.startswith("text_encoder") and type(m).__name__.startswith("CLIPText")}
+    if not found:
+        others = ", ".join(f"{k}: {type(m).__name__}" for k, m in components.items() if k.startswith("text_encoder"))
+        raise UnsupportedAdapterError(
+            f"--train-text-encoder trains CLIP text encoders (SD 1.x/2.x, SDXL); this pipeline has "
+            f"{others or 'no text encoder'}; drop --train-text-encoder"
+        )
+    return found
+
+
+def new_network(denoiser: nn.Module, config: TrainConfig, generator: torch.Generator, prefix: str,
+                encoders: Mapping[str, nn.Module] | None = None) -> Built:
+    """Fresh LoRA layers: ``down`` Kaiming-uniform (as PEFT), ``up`` zero, so step 0 equals the base model.
+    ``encoders`` (``{component: text encoder}``) get layers too, named ``<component>.<module path>``."""
     entries: list[Entry] = []
     modules: dict[str, nn.Module] = {}
-    for path, module, rank, alpha in _pick_new(denoiser, config):
+    picks = [("denoiser", prefix, p) for p in _pick_new(denoiser, config)]
+    for component, encoder in (encoders or {}).items():
+        picks += [(component, peft_prefix(component), p) for p in _pick_new(encoder, config, text_encoder=True)]
+    for component, head, (path, module, rank, alpha) in picks:
         w = module.weight
         if isinstance(module, nn.Conv2d):
             down = torch.empty(rank, w.shape[1], *w.shape[2:])
@@ -91,8 +122,8 @@ def new_network(denoiser: nn.Module, config: TrainConfig, generator: torch.Gener
             down = torch.empty(rank, w.shape[1])
             up = torch.zeros(w.shape[0], rank)
         nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=generator)
-        name = prefix + path
-        entries.append(Entry(name, Target("denoiser", path), LoRAModule(module, down, up, alpha), True))
+        name = head + path
+        entries.append(Entry(name, Target(component, path), LoRAModule(module, down, up, alpha), True))
         modules[name] = module
     return Built(Network(entries, modules))
 
@@ -112,6 +143,8 @@ def _trainable_kind(layer: Layer) -> str | None:
 
 
 def _selected(layer: Layer, paths: Sequence[str], config: TrainConfig) -> bool:
+    if (layer.component or "").startswith("text_encoder") and not config.train_text_encoder:
+        return False  # text-encoder layers of a file train only with --train-text-encoder
     names = (layer.name, *paths)
     chosen = not config.train_modules or any(matches(p, *names) for p in config.train_modules)
     return chosen and not any(matches(p, *names) for p in config.freeze_modules)

@@ -67,6 +67,13 @@ class TrainConfig:
     device: str | None = None
     strict: bool = False
     report: str | Path | None = None  # train_report.html path (None: beside the output)
+    frames: int | None = None  # video families: frames per clip (None: 5, the tiny pipelines' size)
+    train_text_encoder: bool = False  # LoRA on the CLIP text encoder(s) too
+    text_encoder_lr: float | None = None  # None: lr
+    buckets: bool = False  # kohya-style aspect buckets around resolution², batches from one bucket
+    bucket_step: int = 64
+    min_snr_gamma: float | None = None  # min-SNR loss weighting (Hang et al. 2023)
+    noise_offset: float = 0.0  # per-sample, per-channel constant added to the noise
     guidance: float = 1.0  # guidance-distilled transformers (FLUX.1-dev) take this as their guidance input
     progress: bool = False  # a rich progress bar (the CLI turns it on)
 
@@ -89,6 +96,11 @@ class TrainConfig:
             (self.epochs is None or self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (0.0 <= self.validation_split < 1.0, f"validation_split must be in [0, 1), got {self.validation_split}"),
             (self.resolution >= 8, f"resolution must be >= 8, got {self.resolution}"),
+            (self.frames is None or self.frames >= 1, f"frames must be >= 1, got {self.frames}"),
+            (self.text_encoder_lr is None or self.text_encoder_lr > 0, f"text_encoder_lr must be > 0, got {self.text_encoder_lr}"),
+            (self.bucket_step >= 8, f"bucket_step must be >= 8, got {self.bucket_step}"),
+            (self.min_snr_gamma is None or self.min_snr_gamma > 0, f"min_snr_gamma must be > 0, got {self.min_snr_gamma}"),
+            (self.noise_offset >= 0, f"noise_offset must be >= 0, got {self.noise_offset}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -55,12 +55,14 @@ class World:
         return torch.device("cpu")
 
 
-def world() -> World:
-    """The process group the launcher set up (initialised here from the environment when it is not yet)."""
+def world(requested: str | None = None) -> World:
+    """The process group the launcher set up (initialised here from the environment when it is not yet): NCCL
+    when the run uses CUDA, else gloo (``--device cpu`` on a GPU machine stays on gloo)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return World()
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        cuda = torch.cuda.is_available() and (requested is None or torch.device(requested).type == "cuda")
+        dist.init_process_group("nccl" if cuda else "gloo")
     return World(dist.get_rank(), dist.get_world_size())

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import FormatError, InternalError
 from ..families import components_of
@@ -22,9 +21,10 @@ from ..formats import load
 from ..io import atomic_output
 from ..pipelines import load_pipeline
 from ..runtime import apply
-from .build import Built, from_file, new_network
+from .buckets import assign
+from .build import Built, from_file, new_network, text_encoders
 from .config import TrainConfig, TrainResult
-from .data import Sample, load_samples, split, to_pixels
+from .data import Sample, load_samples, size_of, split, to_pixels, to_video_pixels
 from .dist import world
 from .objective import Denoiser, denoiser_for
 from .output import denoiser_prefix, write
@@ -50,7 +50,8 @@ def _lr_lambda(config: TrainConfig, total: int) -> Callable[[int], float]:
     return factor
 
 
-def _optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+def _optimizer(params: list[Any], config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (or bitsandbytes AdamW8bit) over ``params`` (tensors, or param groups with their own ``lr``)."""
     if config.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb
@@ -64,28 +65,46 @@ def _optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.o
 
 
 class _Data:
-    """Batches in a seeded random order, epoch after epoch; its position is part of a checkpoint."""
+    """Batches in a seeded random order, epoch after epoch; its position is part of a checkpoint. With ``groups``
+    (aspect buckets: lists of sample indices) every batch comes from one group and the batches are shuffled."""
 
-    def __init__(self, n: int, batch_size: int) -> None:
+    def __init__(self, n: int, batch_size: int, groups: list[list[int]] | None = None) -> None:
         self.n, self.batch_size = n, batch_size
-        self.order: list[int] = []
+        self.groups = groups
+        self.batches: list[list[int]] = []
         self.pos = 0
         self.epoch = 0
 
+    def _epoch(self, generator: torch.Generator) -> list[list[int]]:
+        if self.groups is None:  # one group: exactly the draws of a plain shuffled order
+            order = torch.randperm(self.n, generator=generator).tolist()
+            return [order[i : i + self.batch_size] for i in range(0, self.n, self.batch_size)]
+        batches = []
+        for group in self.groups:
+            order = [group[i] for i in torch.randperm(len(group), generator=generator).tolist()]
+            batches += [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
     def next(self, generator: torch.Generator) -> list[int]:
-        if self.pos >= len(self.order):
-            self.order = torch.randperm(self.n, generator=generator).tolist()
+        if self.pos >= len(self.batches):
+            self.batches = self._epoch(generator)
             self.pos = 0
             self.epoch += 1
-        batch = self.order[self.pos : self.pos + self.batch_size]
-        self.pos += len(batch)
+        batch = self.batches[self.pos]
+        self.pos += 1
         return batch
 
     def state(self) -> dict[str, Any]:
-        return {"order": list(self.order), "pos": self.pos, "epoch": self.epoch}
+        return {"batches": [list(b) for b in self.batches], "pos": self.pos, "epoch": self.epoch}
 
     def load(self, state: Mapping[str, Any]) -> None:
-        self.order, self.pos, self.epoch = list(state["order"]), int(state["pos"]), int(state["epoch"])
+        if "batches" not in state:  # a state.pt of the first version: one flat order and a sample position
+            order, size = list(state["order"]), self.batch_size
+            self.batches = [order[i : i + size] for i in range(0, len(order), size)]
+            self.pos, self.epoch = -(-int(state["pos"]) // size), int(state["epoch"])
+            return
+        self.batches = [list(b) for b in state["batches"]]
+        self.pos, self.epoch = int(state["pos"]), int(state["epoch"])
 
 
 class _Run:
@@ -93,14 +112,16 @@ class _Run:
 
     def __init__(self, pipe: Any, samples: list[Sample], config: TrainConfig, log: Callable[[str], None]) -> None:
         self.pipe, self.config, self.log = pipe, config, log
+        self.frames = _frames(config) if samples and samples[0].video else None
         self.train_samples, self.val_samples = split(samples, config.validation_split)
         if config.validation_data is not None:
-            self.val_samples = load_samples(config.validation_data)
+            self.val_samples = load_samples(config.validation_data, frames=self.frames)
         if not self.val_samples and config.validate_every:
             self.val_samples = self.train_samples[:4]
-        self.world = world()
+        self.world = world(config.device)
         self.device = self.world.device(config.device)
         self.generator = torch.Generator().manual_seed(config.seed)
+        self.sizes: dict[str, tuple[int, int]] = {}  # sample source -> its bucket (width, height)
         self.data = _Data(len(self.train_samples), config.batch_size * self.world.size)
         self.step = 0
         self.losses: list[float] = []
@@ -125,6 +146,7 @@ class _Run:
         self.pipe.to(self.device)
         self.denoiser = denoiser_for(self.pipe, self.device)
         self.denoiser.guidance = c.guidance
+        self._check_frames()
         self.components = components = components_of(self.pipe)
         for module in components.values():
             for p in module.parameters():
@@ -135,7 +157,10 @@ class _Run:
             self.built = from_file(lora, components, c)
         else:
             prefix = denoiser_prefix(self.pipe)
-            self.built = new_network(self.denoiser.model, c, self.generator, prefix)
+            encoders = text_encoders(components) if c.train_text_encoder else None
+            self.built = new_network(self.denoiser.model, c, self.generator, prefix, encoders)
+        if c.buckets:
+            self._bucket()
         network = self.built.network.to(self.device)
         if self.built.frozen is not None:
             self._patch = apply(components, self.built.frozen, mode="fuse", strict=False)
@@ -143,7 +168,7 @@ class _Run:
         if c.gradient_checkpointing and hasattr(self.denoiser.model, "enable_gradient_checkpointing"):
             self.denoiser.model.enable_gradient_checkpointing()
         total = self.total_steps()
-        self.optimizer = _optimizer(network.trainable_parameters(), c)
+        self.optimizer = _optimizer(self._param_groups(), c)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(c, total))
         self._print_stats()
         self._fixed_validation()
@@ -151,6 +176,44 @@ class _Run:
             self._resume(Path(c.resume))
         elif self.built.source is not None:
             self.start_difference = self.start_check()
+
+    def _param_groups(self) -> list[Any]:
+        """The trainable factors; with ``text_encoder_lr``, text-encoder layers in a group of their own."""
+        entries = [e for e in self.built.network.entries if e.trainable]
+        te = [p for e in entries if e.target.component.startswith("text_encoder") for p in (e.module.down, e.module.up)]
+        if not te or self.config.text_encoder_lr is None:
+            return self.built.network.trainable_parameters()
+        rest = [p for e in entries if not e.target.component.startswith("text_encoder") for p in (e.module.down, e.module.up)]
+        groups = [{"params": rest}] if rest else []
+        return [*groups, {"params": te, "lr": self.config.text_encoder_lr}]
+
+    def _bucket(self) -> None:
+        """Each sample's aspect bucket; the data order then batches one bucket at a time."""
+        c = self.config
+        factor = self.denoiser.spatial_factor()
+        if c.bucket_step % factor:
+            raise ValueError(
+                f"--bucket-step {c.bucket_step} is not a multiple of {factor}, the pixel size one latent patch of "
+                f"this {type(self.pipe).__name__} covers; use {max(factor, c.bucket_step // factor * factor)}"
+            )
+        for samples in (self.train_samples, self.val_samples):
+            chosen = assign([size_of(s.open()) for s in samples], c.resolution, c.bucket_step)
+            self.sizes.update({s.source: b for s, b in zip(samples, chosen)})
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, s in enumerate(self.train_samples):
+            groups.setdefault(self.sizes[s.source], []).append(i)
+        self.data = _Data(len(self.train_samples), c.batch_size * self.world.size, list(groups.values()))
+        self.log("buckets: " + ", ".join(f"{w}x{h}: {len(v)}" for (w, h), v in sorted(groups.items())))
+
+    def _check_frames(self) -> None:
+        if self.frames is None:
+            return
+        step = int(getattr(self.pipe, "vae_scale_factor_temporal", 1) or 1)
+        if (self.frames - 1) % step:
+            raise ValueError(
+                f"--frames {self.frames}: the {type(self.pipe).__name__} VAE compresses time {step}x, so a clip needs "
+                f"{step}k+1 frames (e.g. {((self.frames - 1) // step) * step + 1} or {((self.frames - 1) // step + 1) * step + 1})"
+            )
 
     @torch.no_grad()
     def start_check(self) -> float:
@@ -183,7 +246,9 @@ class _Run:
 
     def parameters(self) -> dict[str, int]:
         network = self.built.network
+        used = {e.target.component for e in network.entries if e.trainable} - {"denoiser"}
         base = sum(p.numel() for p in self.denoiser.model.parameters())
+        base += sum(p.numel() for k in sorted(used) if k in self.components for p in self.components[k].parameters())
         trainable = network.count(True)
         frozen = self.built.frozen_params + network.count(False)
         return {"total": base + trainable + frozen, "trainable": trainable, "frozen_lora": frozen}
@@ -215,14 +280,37 @@ class _Run:
         key = ("latents", sample.source, sample.caption)
         hit = self._cache.get(key)
         if hit is None:
-            pixels = to_pixels(sample.open(), self.config.resolution)[None]
+            size = self.sizes.get(sample.source, self.config.resolution)
+            if sample.video:
+                pixels = to_video_pixels(sample.open(), size, self.frames)[None]
+            else:
+                pixels = to_pixels(sample.open(), size)[None]
             hit = self.denoiser.encode_images(pixels)
             if self.config.cache_latents:
                 self._cache[key] = hit
         return hit
 
     def _text(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        if not self.config.cache_latents:
+        if self.text_grad:
+            return self.denoiser.encode_text(captions)  # LoRA on the text encoder: with grad, never cached
+        with torch.no_grad():
+            return self._text_no_grad(captions)
+
+    @property
+    def text_trains(self) -> bool:
+        """Some trainable layer sits on a text encoder (``--train-text-encoder``)."""
+        built = self.built
+        return built is not None and any(
+            e.trainable and e.target.component.startswith("text_encoder") for e in built.network.entries
+        )
+
+    @property
+    def text_grad(self) -> bool:
+        """Captions are encoded with grad (the text encoder trains and this is a training step)."""
+        return self.text_trains and torch.is_grad_enabled()
+
+    def _text_no_grad(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        if not self.config.cache_latents or self.text_trains:  # a training text encoder's output changes
             return self.denoiser.encode_text(captions)
         parts = []
         for caption in captions:
@@ -238,11 +326,16 @@ class _Run:
         std = torch.cat([s for _, s in stats])
         return mean, std, self._text([s.caption for s in samples])
 
-    def _loss(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _loss(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor],
+              weighted: bool = True) -> torch.Tensor:
+        """Mean loss of the batch; ``weighted``: with the min-SNR-γ weights (validation stays plain MSE)."""
         noisy, target = self.denoiser.noisy_and_target(x0, noise.to(x0.device), t)
         with self._autocast():
             pred = self.denoiser.predict(noisy, t, cond)
-        return F.mse_loss(pred.float(), target.float())
+        per = self.denoiser.per_sample_loss(pred, target)
+        if weighted and self.config.min_snr_gamma is not None:
+            per = per * self.denoiser.min_snr_weight(t, self.config.min_snr_gamma).to(per.device)
+        return per.mean()
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         mp = self.config.mixed_precision
@@ -260,9 +353,12 @@ class _Run:
             n = len(batch)
             mine = self.world.mine(n, self.config.batch_size)
             # draw for the whole global batch from the shared generator, keep this process's rows
-            shape = (n, *self._latent_shape())
+            shape = (n, *self._latent_shape(self.train_samples[batch[0]]))
             eps, noise = torch.randn(shape, generator=self.generator), torch.randn(shape, generator=self.generator)
             t = self.denoiser.draw_time(n, self.generator)
+            if self.config.noise_offset:  # one constant per sample and channel (Guttenberg's noise offset)
+                offset = torch.randn(*shape[:2], *([1] * (len(shape) - 2)), generator=self.generator)
+                noise = noise + self.config.noise_offset * offset
             local = [self.train_samples[i] for i in batch[mine]]
             if not local:
                 continue
@@ -279,18 +375,27 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         return self.world.total(total) / k
 
-    def _latent_shape(self) -> tuple[int, ...]:
-        if not hasattr(self, "_shape"):
-            self._shape = tuple(self._latents(self.train_samples[0])[0].shape[1:])
-        return self._shape
+    def _latent_shape(self, sample: Sample) -> tuple[int, ...]:
+        """The latent shape of ``sample``'s bucket (one encode per bucket, remembered)."""
+        key = self.sizes.get(sample.source)
+        shapes = self.__dict__.setdefault("_shapes", {})
+        if key not in shapes:
+            shapes[key] = tuple(self._latents(sample)[0].shape[1:])
+        return shapes[key]
 
+    @torch.no_grad()
     def _fixed_validation(self) -> None:
         """Noise and timesteps for the held-out samples, drawn once from their own seed: curves compare across runs."""
         self._val: list[tuple[list[Sample], torch.Tensor, torch.Tensor]] = []
         g = torch.Generator().manual_seed(self.config.seed + 1_000_003)
         bs = self.config.batch_size
-        for i in range(0, len(self.val_samples), bs):
-            chunk = self.val_samples[i : i + bs]
+        chunks: list[list[Sample]] = []
+        for s in self.val_samples:  # consecutive samples of one bucket share a chunk
+            if chunks and len(chunks[-1]) < bs and self.sizes.get(chunks[-1][0].source) == self.sizes.get(s.source):
+                chunks[-1].append(s)
+            else:
+                chunks.append([s])
+        for chunk in chunks:
             mean, _, _ = self._encode(chunk)
             self._val.append((chunk, torch.randn(mean.shape, generator=g), self.denoiser.draw_time(len(chunk), g)))
 
@@ -301,7 +406,7 @@ class _Run:
         total, n = 0.0, 0
         for chunk, noise, t in self._val:
             mean, _, cond = self._encode(chunk)
-            total += float(self._loss(mean, noise, t, cond)) * len(chunk)
+            total += float(self._loss(mean, noise, t, cond, weighted=False)) * len(chunk)
             n += len(chunk)
         value = total / n
         self.val_losses.append([self.step, value])
@@ -355,7 +460,7 @@ class _Run:
 
     def samples_for_report(self) -> list[tuple[str, Any]]:
         """With ``validate_every``: an image per validation caption (up to 4), LoRA on, fixed seed."""
-        if not self.config.validate_every:
+        if not self.config.validate_every or self.denoiser.video:
             return []
         out = []
         for i, sample in enumerate(self.val_samples[:4]):
@@ -410,6 +515,32 @@ def _progress(enabled: bool, total: int, done: int) -> Any:
         yield advance
 
 
+VIDEO_PIPELINES = ("WanPipeline", "Cosmos2VideoToWorldPipeline")
+
+
+def _frames(config: TrainConfig) -> int:
+    return 5 if config.frames is None else config.frames
+
+
+def _is_video(pipe_or_dir: Any) -> bool:
+    """Whether ``pipe_or_dir`` is a video family lorakit trains (decided before any model is loaded, so the data
+    are checked first): a pipeline object, ``tiny-wan-t2v``/``tiny-cosmos``, or a folder's model_index.json."""
+    if not isinstance(pipe_or_dir, (str, os.PathLike)):
+        return type(pipe_or_dir).__name__ in VIDEO_PIPELINES
+    from ..pipelines import tiny_model_name
+
+    family = tiny_model_name(str(pipe_or_dir))
+    if family is not None:
+        return family in ("wan-t2v", "cosmos")
+    index = Path(pipe_or_dir) / "model_index.json"
+    try:
+        import json
+
+        return json.loads(index.read_text(encoding="utf-8")).get("_class_name") in VIDEO_PIPELINES
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _pipeline(pipe_or_dir: Any) -> Any:
     if isinstance(pipe_or_dir, (str, os.PathLike)):
         return load_pipeline(str(pipe_or_dir))
@@ -434,7 +565,7 @@ def train(
     is written. The pipeline is left as it was (hooks removed, frozen layers unfused, grad flags restored)."""
     config = config if config is not None else TrainConfig(**options)
     log = log or log_.info
-    samples = load_samples(data)
+    samples = load_samples(data, frames=_frames(config) if _is_video(pipe_or_dir) else None)
     pipe = _pipeline(pipe_or_dir)
     start = time.perf_counter()
     run = _Run(pipe, samples, config, log)

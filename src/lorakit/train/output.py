@@ -43,7 +43,7 @@ def to_lora(network: Network, source: LoRA | None) -> LoRA:
     for e in network.entries:
         down, up = factors[e.name]
         weight = LoRAWeights(down=down.clone(), up=up.clone(), alpha=e.module.alpha)
-        layers[e.name] = Layer(name=e.name, component="denoiser", path=e.target.module, weight=weight)
+        layers[e.name] = Layer(name=e.name, component=e.target.component, path=e.target.module, weight=weight)
     return LoRA(layers=layers, metadata={"lorakit_trainer": "lorakit train"}, format="lorakit")
 
 
