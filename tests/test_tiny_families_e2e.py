@@ -49,6 +49,7 @@ FAMILIES = {
     "wan-t2v": ("transformer", True, False, UNET_ATTN),
     "wan-i2v": ("transformer", True, True, UNET_ATTN),
     "cosmos": ("transformer", True, True, UNET_ATTN),
+    "qwen-image": ("transformer", False, False, JOINT_ATTN),
 }
 
 

@@ -28,6 +28,7 @@ FAMILIES = {
     "hidream": ("HiDreamImagePipeline", "transformer", False, False),
     "lumina2": ("Lumina2Pipeline", "transformer", False, False),
     "z-image": ("ZImagePipeline", "transformer", False, False),
+    "qwen-image": ("QwenImagePipeline", "transformer", False, False),
 }
 
 
