@@ -50,6 +50,7 @@ FAMILIES = {
     "wan-i2v": ("transformer", True, True, UNET_ATTN),
     "cosmos": ("transformer", True, True, UNET_ATTN),
     "qwen-image": ("transformer", False, False, JOINT_ATTN),
+    "qwen-image-edit": ("transformer", False, True, JOINT_ATTN),
 }
 
 

@@ -29,6 +29,7 @@ FAMILIES = {
     "lumina2": ("Lumina2Pipeline", "transformer", False, False),
     "z-image": ("ZImagePipeline", "transformer", False, False),
     "qwen-image": ("QwenImagePipeline", "transformer", False, False),
+    "qwen-image-edit": ("QwenImageEditPipeline", "transformer", False, True),
 }
 
 
