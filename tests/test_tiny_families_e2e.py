@@ -51,6 +51,7 @@ FAMILIES = {
     "cosmos": ("transformer", True, True, UNET_ATTN),
     "qwen-image": ("transformer", False, False, JOINT_ATTN),
     "qwen-image-edit": ("transformer", False, True, JOINT_ATTN),
+    "hunyuanvideo": ("transformer", True, False, JOINT_ATTN),
 }
 
 

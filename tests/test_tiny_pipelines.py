@@ -30,6 +30,7 @@ FAMILIES = {
     "z-image": ("ZImagePipeline", "transformer", False, False),
     "qwen-image": ("QwenImagePipeline", "transformer", False, False),
     "qwen-image-edit": ("QwenImageEditPipeline", "transformer", False, True),
+    "hunyuanvideo": ("HunyuanVideoPipeline", "transformer", True, False),
 }
 
 
