@@ -52,6 +52,7 @@ FAMILIES = {
     "qwen-image": ("transformer", False, False, JOINT_ATTN),
     "qwen-image-edit": ("transformer", False, True, JOINT_ATTN),
     "hunyuanvideo": ("transformer", True, False, JOINT_ATTN),
+    "flux2": ("transformer", False, False, JOINT_ATTN),
 }
 
 

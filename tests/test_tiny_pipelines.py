@@ -31,6 +31,7 @@ FAMILIES = {
     "qwen-image": ("QwenImagePipeline", "transformer", False, False),
     "qwen-image-edit": ("QwenImageEditPipeline", "transformer", False, True),
     "hunyuanvideo": ("HunyuanVideoPipeline", "transformer", True, False),
+    "flux2": ("Flux2Pipeline", "transformer", False, False),
 }
 
 
