@@ -53,6 +53,7 @@ FAMILIES = {
     "qwen-image-edit": ("transformer", False, True, JOINT_ATTN),
     "hunyuanvideo": ("transformer", True, False, JOINT_ATTN),
     "flux2": ("transformer", False, False, JOINT_ATTN),
+    "krea2": ("transformer", False, False, UNET_ATTN),
 }
 
 

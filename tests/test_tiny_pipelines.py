@@ -32,6 +32,7 @@ FAMILIES = {
     "qwen-image-edit": ("QwenImageEditPipeline", "transformer", False, True),
     "hunyuanvideo": ("HunyuanVideoPipeline", "transformer", True, False),
     "flux2": ("Flux2Pipeline", "transformer", False, False),
+    "krea2": ("Krea2Pipeline", "transformer", False, False),
 }
 
 
