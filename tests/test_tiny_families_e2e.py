@@ -54,6 +54,7 @@ FAMILIES = {
     "hunyuanvideo": ("transformer", True, False, JOINT_ATTN),
     "flux2": ("transformer", False, False, JOINT_ATTN),
     "krea2": ("transformer", False, False, UNET_ATTN),
+    "ltx2": ("transformer", True, False, UNET_ATTN),
 }
 
 

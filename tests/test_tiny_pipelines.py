@@ -33,6 +33,7 @@ FAMILIES = {
     "hunyuanvideo": ("HunyuanVideoPipeline", "transformer", True, False),
     "flux2": ("Flux2Pipeline", "transformer", False, False),
     "krea2": ("Krea2Pipeline", "transformer", False, False),
+    "ltx2": ("LTX2Pipeline", "transformer", True, False),
 }
 
 
