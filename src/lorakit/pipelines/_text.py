@@ -84,7 +84,7 @@ def chat_tokenizer(specials: list[str], max_length: int = 512, *, pad: str | Non
     code with the ``tokenizers`` library (no download): ``specials`` get ids 0.. in order and are matched whole in
     any text (``<|im_start|>``, ``[INST]``, ...), then the 256 bytes, then the merged letter pairs of
     :func:`t5_tokenizer` (vocabulary ``len(specials) + 958``). ``pad``/``bos``/``eos`` name specials;
-    ``add_bos`` prepends ``bos`` to every sequence (Llama, Gemma). No chat template: each pipeline sets its own."""
+    ``add_bos`` prepends ``bos`` (when given) to every sequence (Llama, Gemma). No chat template: each pipeline sets its own."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -100,8 +100,7 @@ def chat_tokenizer(specials: list[str], max_length: int = 512, *, pad: str | Non
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
-    if add_bos:
-        assert bos is not None
+    if add_bos and bos is not None:
         tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
                                                            special_tokens=[(bos, vocab[bos])])
     named = {k: v for k, v in (("pad_token", pad), ("bos_token", bos), ("eos_token", eos)) if v is not None}
