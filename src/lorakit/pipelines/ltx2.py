@@ -78,7 +78,7 @@ def gemma_tokenizer(max_length: int = 1024) -> Any:
 
 def build(seed: int = 0) -> Any:
     """A tiny random ``LTX2Pipeline`` (video + audio): same ``seed`` -> identical weights. Call it with
-    ``height=32, width=32, num_frames=5`` (frames 2k+1 here)."""
+    ``height=32, width=32, num_frames=5`` (frames 4k+1, sizes multiples of 4 here)."""
     from diffusers import (
         AutoencoderKLLTX2Audio,
         AutoencoderKLLTX2Video,
