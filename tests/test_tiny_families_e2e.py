@@ -9,7 +9,9 @@ family's original names (kohya SGM / BFL fused-qkv / Wan native), built here by 
 Tolerance: everything runs in fp32; outputs are images in [0, 1] and agree within ``ATOL`` = 2e-5. Measured
 against PEFT (max |diff|): hook mode 0 on every family; fuse mode 0 to 2.4e-6 (fused weights round differently
 from an unfused adapter); diffusers' loader 0. Non-vacuity: the LoRA moves each output by 0.13 to 0.46 (max
-|diff| from the base generation), asserted > ``MIN_EFFECT``.
+|diff| from the base generation), asserted > ``MIN_EFFECT``. Wave-2 families with LLM text encoders (qwen-image,
+qwen-image-edit, hunyuanvideo, flux2, krea2, ltx2) run the same tests under the same ``ATOL``; their LoRA moves the
+output by 0.045 (flux2) to 0.56 (ltx2).
 """
 
 from __future__ import annotations
@@ -49,6 +51,12 @@ FAMILIES = {
     "wan-t2v": ("transformer", True, False, UNET_ATTN),
     "wan-i2v": ("transformer", True, True, UNET_ATTN),
     "cosmos": ("transformer", True, True, UNET_ATTN),
+    "qwen-image": ("transformer", False, False, JOINT_ATTN),
+    "qwen-image-edit": ("transformer", False, True, JOINT_ATTN),
+    "hunyuanvideo": ("transformer", True, False, JOINT_ATTN),
+    "flux2": ("transformer", False, False, JOINT_ATTN),
+    "krea2": ("transformer", False, False, UNET_ATTN),
+    "ltx2": ("transformer", True, False, UNET_ATTN),
 }
 
 

@@ -28,6 +28,12 @@ FAMILIES = {
     "hidream": ("HiDreamImagePipeline", "transformer", False, False),
     "lumina2": ("Lumina2Pipeline", "transformer", False, False),
     "z-image": ("ZImagePipeline", "transformer", False, False),
+    "qwen-image": ("QwenImagePipeline", "transformer", False, False),
+    "qwen-image-edit": ("QwenImageEditPipeline", "transformer", False, True),
+    "hunyuanvideo": ("HunyuanVideoPipeline", "transformer", True, False),
+    "flux2": ("Flux2Pipeline", "transformer", False, False),
+    "krea2": ("Krea2Pipeline", "transformer", False, False),
+    "ltx2": ("LTX2Pipeline", "transformer", True, False),
 }
 
 

@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-__all__ = ["clip_tokenizer", "t5_tokenizer"]
+__all__ = ["chat_tokenizer", "clip_tokenizer", "t5_tokenizer"]
 
 
 def _byte_alphabet() -> list[str]:
@@ -76,3 +76,32 @@ def t5_tokenizer(max_length: int = 512) -> Any:
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=max_length
     )
+
+
+def chat_tokenizer(specials: list[str], max_length: int = 512, *, pad: str | None = None, bos: str | None = None,
+                   eos: str | None = None, add_bos: bool = False) -> Any:
+    """A fast byte-level tokenizer for the chat-template LLM text encoders (Qwen, Mistral, Llama, Gemma), built in
+    code with the ``tokenizers`` library (no download): ``specials`` get ids 0.. in order and are matched whole in
+    any text (``<|im_start|>``, ``[INST]``, ...), then the 256 bytes, then the merged letter pairs of
+    :func:`t5_tokenizer` (vocabulary ``len(specials) + 958``). ``pad``/``bos``/``eos`` name specials;
+    ``add_bos`` prepends ``bos`` (when given) to every sequence (Llama, Gemma). No chat template: each pipeline sets its own."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = _byte_alphabet()
+    vocab = {s: i for i, s in enumerate(specials)}
+    vocab.update({c: len(specials) + i for i, c in enumerate(alphabet)})
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    space = alphabet[ord(" ")]
+    merges = [(space, b) for b in letters] + [(a, b) for a in letters for b in letters]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    if add_bos and bos is not None:
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, vocab[bos])])
+    named = {k: v for k, v in (("pad_token", pad), ("bos_token", bos), ("eos_token", eos)) if v is not None}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_length, **named)
