@@ -11,13 +11,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import MatchError
+from .errors import FormatError, MatchError
 from .families import Resolver, components_of, detect_family
 from .families.offline import meta_components
 from .formats.conventions import peft_prefix
-from .formats.writer import check_peft_expressible
+from .formats.writer import check_peft_expressible, to_state_dict
 from .formats.writer import save as write
-from .io import parse_dtype
+from .io import PICKLE_SUFFIXES, QUANT_SCHEMES, check_output, parse_dtype, quantize_tensors, write_tensors
 from .model import LoRA
 from .placement.layout import to_model_layout
 
@@ -36,18 +36,52 @@ def save(
     """Write ``lora`` to ``path`` (safetensors) in ``format`` ("kohya" or "peft"). Atomic; refuses to
     overwrite the file the LoRA was loaded from or any path in ``inputs``.
 
-    ``dtype`` ("fp16", "bf16", "fp32", ... or a torch dtype) casts float tensors. ``model`` (a pipeline, a module,
-    ``{component: module}`` or a family name such as ``"flux1"``) names the modules a PEFT file is written for;
-    without one, the family detected from the file's names is used. Kohya files need no model."""
-    dtype = parse_dtype(dtype)
+    ``dtype`` ("fp16", "bf16", "fp32", ... or a torch dtype) casts float tensors; ``"fp8"`` / ``"int8"`` store
+    the factors quantized with a float32 scale per row (see :func:`lorakit.io.quantize_tensors`; ``lorakit.load``
+    dequantizes them). ``model`` (a pipeline, a module, ``{component: module}`` or a family name such as
+    ``"flux1"``) names the modules a PEFT file is written for; without one, the family detected from the file's
+    names is used. Kohya files need no model."""
+    quant = _quant_scheme(dtype, path)
+    dtype = None if quant else parse_dtype(dtype)
     if format != "peft":
+        if quant:
+            return _write_quantized(lora, path, format, quant, inputs, None)
         return write(lora, path, format, dtype=dtype, inputs=inputs)
     check_peft_expressible(lora)  # say what cannot be expressed before building a model to resolve names
     comps = None if model is None else _components(model, lora)
     lora = _in_model_layout(lora, comps)
     lora = _flat_names_resolved(lora, comps)
     prefix = None if model is None else peft_prefix("denoiser", transformer=_denoiser_is_transformer(model, comps))
+    if quant:
+        return _write_quantized(lora, path, "peft", quant, inputs, prefix)
     return write(lora, path, "peft", dtype=dtype, inputs=inputs, denoiser_prefix=prefix)
+
+
+def _quant_scheme(dtype: object, path: str | os.PathLike[str]) -> str | None:
+    """``"fp8"``/``"int8"`` (or ``torch.float8_e4m3fn``/``torch.int8``) -> that scheme; float dtypes -> None. An
+    unknown name raises :class:`FormatError` listing every choice; a pickle target cannot carry the scheme."""
+    if dtype in (torch.int8, getattr(torch, "float8_e4m3fn", None)):
+        dtype = "int8" if dtype is torch.int8 else "fp8"
+    if not isinstance(dtype, str) or dtype.lower() not in QUANT_SCHEMES:
+        if isinstance(dtype, str):
+            try:
+                parse_dtype(dtype)
+            except FormatError:
+                raise FormatError(f"unknown dtype {dtype!r}; use one of fp32, fp16, bf16 (float) or "
+                                  f"{', '.join(QUANT_SCHEMES)} (quantized factors with per-row scales)") from None
+        return None
+    if Path(path).suffix.lower() in PICKLE_SUFFIXES:
+        raise FormatError(f"{path}: dtype={dtype!r} needs a .safetensors output (its metadata names the scheme)")
+    return dtype.lower()
+
+
+def _write_quantized(lora: LoRA, path: str | os.PathLike[str], format: str, scheme: str,
+                     inputs: Iterable[str | os.PathLike[str] | None], prefix: str | None) -> Path:
+    """The writer's tensors, factors quantized per row, written atomically (never over an input)."""
+    check_output(path, [lora.source, *inputs])  # before the work
+    tensors, meta = to_state_dict(lora, format, denoiser_prefix=prefix)
+    tensors, meta = quantize_tensors(tensors, meta, scheme)
+    return write_tensors(tensors, path, meta, inputs=[lora.source, *inputs])
 
 
 def _wanted(lora: LoRA) -> tuple[str, ...]:
