@@ -140,7 +140,7 @@ def convert_cmd(src: str, dst: str, fmt: str | None, dtype: str | None, model: s
 
         if not quant_model:
             raise click.UsageError("--to nunchaku needs --quant-model (the SVDQuant transformer file)")
-        report = to_nunchaku(lora, quant_model, dst, inputs=[src])
+        report = to_nunchaku(lora, quant_model, dst, model=_model(model) if model else None, inputs=[src])
         click.echo("\n".join(report.lines()))
         return
     fmt = fmt or ("peft" if lora.format == "peft" else "kohya")
