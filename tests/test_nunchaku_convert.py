@@ -1,7 +1,9 @@
 """``lorakit convert --to nunchaku``: the file Nunchaku's ``update_lora_params`` loads for a FLUX SVDQuant model.
 
-Nunchaku cannot be imported here: its wheels bundle the CUDA extension (and ``nunchaku.lora.flux`` imports it), so
-no peer call. The reference below is this test's own: the packed layout is written as an index formula for every
+Nunchaku cannot be imported here: its wheels bundle the CUDA extension (and ``nunchaku.lora.flux`` imports it);
+``pip install nunchaku`` gets an unrelated PyPI package (piece-wise linear segmentation, 0.16.1). So the default
+tests carry no peer call; the last test runs Nunchaku's converter from a source checkout when ``NUNCHAKU_SRC`` names
+one. The reference below is this test's own: the packed layout is written as an index formula for every
 element, from mit-han-lab/nunchaku ``nunchaku/lora/flux/nunchaku_converter.py::pack_lowrank_weight`` and
 ``packer.py::NunchakuWeightPacker.pack_lowrank_weight`` (commit 4132b3bf): 16x16 fragments; in a fragment, row
 n = n_pack·8 + n_lane and column k = k_pack·8 + k_lane·2 + reg; stored in the order (fragment column of the long
@@ -10,6 +12,10 @@ layout (qweight/wscales/smooth/smooth_orig/bias/lora_down/lora_up per W4A4 proje
 """
 
 from __future__ import annotations
+
+import os
+import typing
+from pathlib import Path
 
 import pytest
 import torch
@@ -235,3 +241,47 @@ def test_refuses_non_factor_adapters(tmp_path, tiny_flux):
     with pytest.raises(UnsupportedAdapterError, match="to_q.*no exact low-rank"):
         to_nunchaku(lorakit.load(sd), _quant_model(), tmp_path / "x.safetensors", model=tiny_flux)
     assert not (tmp_path / "x.safetensors").exists()
+
+
+NUNCHAKU_SRC = os.environ.get("NUNCHAKU_SRC")  # a checkout of mit-han-lab/nunchaku (no build needed)
+
+
+@pytest.mark.skipif(not NUNCHAKU_SRC, reason="set NUNCHAKU_SRC to a mit-han-lab/nunchaku checkout to run the peer")
+def test_bit_identical_to_nunchakus_own_converter(tiny_flux):
+    """The peer itself: Nunchaku's ``convert_to_nunchaku_flux_lowrank_dict`` and the helpers it uses, executed from
+    its source files (the package cannot be imported without its CUDA extension; its CUDA-free helpers are stubbed:
+    ``ceil_divide``, ``filter_state_dict``, ``tqdm``, a logger). Run on 4132b3bf: 48 of 48 tensors bit-identical."""
+    import ast
+    import logging
+
+    flux = Path(NUNCHAKU_SRC) / "nunchaku" / "lora" / "flux"
+    ns = {"torch": torch, "tp": typing, "logger": logging.getLogger("nunchaku-peer"), "tqdm": lambda x, **k: x,
+          "ceil_divide": lambda a, b: (a + b - 1) // b,
+          "filter_state_dict": lambda sd, filter_prefix: {k: v for k, v in sd.items() if k.startswith(filter_prefix)}}
+    for name in ("utils.py", "packer.py", "nunchaku_converter.py"):
+        tree = ast.parse((flux / name).read_text())
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not (name == "utils.py" and node.name != "pad"):
+                exec(compile(ast.Module([node], []), str(flux / name), "exec"), ns)  # noqa: S102 - the peer's source
+    g = torch.Generator().manual_seed(5)
+    peft: dict[str, torch.Tensor] = {}
+
+    def put(path, i, o, r=4):
+        peft[f"transformer.{path}.lora_A.weight"] = (torch.randn(r, i, generator=g) * 0.1).to(torch.bfloat16)
+        peft[f"transformer.{path}.lora_B.weight"] = (torch.randn(o, r, generator=g) * 0.1).to(torch.bfloat16)
+
+    for b in range(2):
+        for p in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out"):
+            put(f"transformer_blocks.{b}.attn.{p}", D, D)
+        for ff in ("ff", "ff_context"):
+            put(f"transformer_blocks.{b}.{ff}.net.0.proj", D, MLP)
+            put(f"transformer_blocks.{b}.{ff}.net.2", MLP, D)
+        for p in ("to_q", "to_k", "to_v"):
+            put(f"single_transformer_blocks.{b}.attn.{p}", D, D)
+        put(f"single_transformer_blocks.{b}.proj_mlp", D, MLP)
+        put(f"single_transformer_blocks.{b}.proj_out", D + MLP, D)
+    qm = _quant_model()
+    theirs = ns["convert_to_nunchaku_flux_lowrank_dict"](qm, dict(peft))
+    ours, _ = to_nunchaku_state_dict(lorakit.load(peft), qm, model=tiny_flux)
+    assert set(theirs) == set(ours)
+    assert all(torch.equal(theirs[k], ours[k]) for k in theirs)
