@@ -281,9 +281,8 @@ def _concat(branch: tuple[torch.Tensor, torch.Tensor] | None, extra: tuple[torch
             ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The model's branch followed by the LoRA's factors (rank r0 + r); the LoRA's ``down`` is padded to the
     branch's (padded) input width and its ``up`` to the branch's output rows."""
-    if branch is None:
-        assert extra is not None
-        return extra[0], extra[1], 0
+    if branch is None:  # the caller skips projections with neither
+        return extra[0], extra[1], 0  # type: ignore[index]
     d0, u0 = branch[0].float(), branch[1].float()
     if extra is None:
         return d0, u0, int(d0.shape[0])
@@ -295,7 +294,7 @@ def _concat(branch: tuple[torch.Tensor, torch.Tensor] | None, extra: tuple[torch
 def _equal_mlp_ranks(extras: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]],
                      model: Mapping[str, torch.Tensor]) -> None:
     """The fused MLP kernel runs fc1's and fc2's branches together: pad the smaller LoRA rank with zeros (a
-    projection the LoRA does not touch gets an all-zero piece of that rank; Nunchaku's own converter asserts)."""
+    projection the LoRA does not touch gets an all-zero piece of that rank; Nunchaku's own converter stops there)."""
     for block in {b for b, _ in extras}:
         for fc1, fc2 in _MLP_PAIRS:
             a, b = extras.get((block, fc1)), extras.get((block, fc2))
