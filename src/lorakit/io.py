@@ -35,6 +35,8 @@ except ImportError:  # pragma: no cover - Windows: no advisory locks, stale temp
 
 __all__ = [
     "PICKLE_SUFFIXES",
+    "QUANT_META_KEY",
+    "QUANT_SCHEMES",
     "SAFETENSORS_DTYPES",
     "SAFETENSORS_SUFFIXES",
     "SafetensorsEntry",
@@ -42,9 +44,11 @@ __all__ = [
     "atomic_output",
     "check_not_input",
     "check_output",
+    "dequantize_tensors",
     "hub_file",
     "parse_dtype",
     "parse_lora_spec",
+    "quantize_tensors",
     "read_metadata",
     "read_safetensors_header",
     "read_tensors",
@@ -198,6 +202,11 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         metadata = read_metadata(path)
     except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as exc:
         raise FormatError(f"{path} is not a readable safetensors file: {exc}") from exc
+    if QUANT_META_KEY in metadata:  # a LoRA saved with dtype="fp8"/"int8": back to floats, transparently
+        tensors = dequantize_tensors(tensors, metadata, path)
+        # the LoRA in memory is float again: a later float save must not claim quantized storage
+        metadata = {k: v for k, v in metadata.items() if k != QUANT_META_KEY}
+        metadata["lorakit_dequantized_from"] = json.loads(read_metadata(path)[QUANT_META_KEY])["scheme"]
     return tensors, metadata
 
 
@@ -596,3 +605,91 @@ def write_tensors(
 
             save_file(clean, str(tmp), metadata={str(k): str(v) for k, v in (metadata or {}).items()})
     return target
+
+
+# ---- quantized LoRA files: ``lorakit.save(..., dtype="fp8"|"int8")`` -------------------------------------------
+#: metadata key marking a file whose factors are stored quantized (a JSON object: scheme, scale suffix, dtype)
+QUANT_META_KEY = "lorakit_quant"
+#: user spelling -> scheme written in the metadata
+QUANT_SCHEMES = {"fp8": "fp8_e4m3fn-rowwise", "int8": "int8-rowwise"}
+_QUANT_STORAGE = {"fp8_e4m3fn-rowwise": torch.float8_e4m3fn, "int8-rowwise": torch.int8}
+_SCALE_SUFFIX = ".scale"
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _quantizable(t: torch.Tensor) -> bool:
+    """LoRA factors: float tensors of two or more dims whose rows hold at least two values (alphas, biases and
+    (out, 1) DoRA magnitudes stay as they are: a float32 scale per single value would only grow the file)."""
+    return t.is_floating_point() and t.dim() >= 2 and t.shape[0] > 0 and t.numel() // t.shape[0] >= 2
+
+
+def quantize_tensors(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], scheme: str,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Store every LoRA factor of ``tensors`` quantized per output row (``scheme``: ``"fp8"`` or ``"int8"``).
+
+    Each quantized ``key`` gets a float32 ``key + ".scale"`` of shape ``(rows,)``, with ``W = q.float() *
+    scale[:, None, ...]``. fp8 is e4m3fn with ``scale = absmax / 448`` per row; int8 is symmetric, ``round(W /
+    scale)`` with ``scale = absmax / 127``. The metadata key :data:`QUANT_META_KEY` names the scheme, so readers
+    (:func:`read_tensors`, and other tools) can tell; all other tensors are written unchanged."""
+    name = QUANT_SCHEMES.get(scheme, scheme)
+    storage = _QUANT_STORAGE.get(name)
+    if storage is None:
+        raise FormatError(f"unknown LoRA quantization {scheme!r}; use one of {', '.join(QUANT_SCHEMES)}")
+    out: dict[str, torch.Tensor] = {}
+    dtypes: set[str] = set()
+    for key, t in tensors.items():
+        if key.endswith(_SCALE_SUFFIX) and key[: -len(_SCALE_SUFFIX)] in tensors:
+            raise FormatError(f"{key}: a tensor named like a quantization scale; rename it before quantizing")
+        if not _quantizable(t):
+            out[key] = t
+            continue
+        dtypes.add(_DTYPE_NAMES.get(t.dtype, "fp32"))
+        rows = t.detach().float().reshape(t.shape[0], -1)
+        top = 448.0 if storage is not torch.int8 else 127.0
+        scale = rows.abs().amax(dim=1) / top
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = rows / scale[:, None]
+        q = q.round().clamp(-127, 127).to(torch.int8) if storage is torch.int8 else q.clamp(-448, 448).to(storage)
+        out[key] = q.reshape(t.shape)
+        out[key + _SCALE_SUFFIX] = scale
+    meta = dict(metadata)
+    dtype = "bf16" if dtypes <= {"bf16"} else ("fp16" if dtypes <= {"fp16"} else "fp32")
+    meta[QUANT_META_KEY] = json.dumps({
+        "scheme": name, "scale_suffix": _SCALE_SUFFIX, "scale_axis": 0, "dtype": dtype,
+        "dequantize": "W = q.float() * scale.reshape(-1, *[1] * (q.dim() - 1))",
+    })
+    return out, meta
+
+
+def dequantize_tensors(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path: object = "<tensors>",
+) -> dict[str, torch.Tensor]:
+    """The float tensors of a file written by :func:`quantize_tensors` (in the dtype the factors had before, as
+    recorded in the metadata); ``.scale`` companions are consumed. Strict: an unknown scheme, a quantized tensor
+    without its scale or a scale of the wrong shape raises :class:`FormatError` naming the key."""
+    try:
+        info = json.loads(metadata[QUANT_META_KEY])
+        name, suffix = info["scheme"], info.get("scale_suffix", _SCALE_SUFFIX)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FormatError(f"{path}: unreadable {QUANT_META_KEY} metadata ({exc}); re-save the LoRA") from exc
+    storage = _QUANT_STORAGE.get(name)
+    if storage is None:
+        raise FormatError(f"{path}: unknown LoRA quantization scheme {name!r} (known: {', '.join(_QUANT_STORAGE)}); "
+                          "a newer lorakit may read it")
+    dtype = parse_dtype(info.get("dtype", "fp32"))
+    out: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        if key.endswith(suffix) and key[: -len(suffix)] in tensors:
+            continue
+        if t.dtype != storage:
+            out[key] = t
+            continue
+        scale = tensors.get(key + suffix)
+        if scale is None or scale.dim() != 1 or scale.shape[0] != t.shape[0]:
+            got = "missing" if scale is None else f"shape {tuple(scale.shape)}"
+            raise FormatError(f"{path}: {key} is stored {name} but its scale {key + suffix} is {got} (want "
+                              f"({t.shape[0]},)); the file is damaged, re-save it")
+        w = t.float() * scale.float().reshape(-1, *[1] * (t.dim() - 1))
+        out[key] = w.to(dtype)
+    return out

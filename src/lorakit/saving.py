@@ -15,14 +15,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import MatchError, ShapeMismatchError
+from .errors import FormatError, MatchError, ShapeMismatchError
 from .families import Resolver, components_of, detect_family
 from .families.kohya_names import DIFFUSERS_NAMED, KohyaNames
 from .families.offline import VARIANTS, meta_components, variant_for
 from .formats.conventions import peft_prefix
-from .formats.writer import check_peft_expressible
+from .formats.writer import check_peft_expressible, to_state_dict
 from .formats.writer import save as write
-from .io import parse_dtype
+from .io import PICKLE_SUFFIXES, QUANT_SCHEMES, check_output, parse_dtype, quantize_tensors, write_tensors
 from .model import LoRA
 from .placement.kohya_layout import to_kohya_layout
 from .placement.layout import to_model_layout
@@ -47,18 +47,54 @@ def save(
     without one, the family detected from the file's names is used. Kohya files get the names kohya's trainers
     write for that family (FLUX.1 ``lora_unet_double_blocks_0_img_attn_qkv``, SDXL ``lora_unet_input_blocks_...``,
     Wan ``lora_unet_blocks_0_self_attn_q``, SD 1.x the diffusers names flattened); with no model and no detected
-    family they keep the file's own names."""
-    dtype = parse_dtype(dtype)
+    family they keep the file's own names. ``dtype="fp8"`` / ``"int8"`` store the factors quantized with a float32
+    scale per row (see :func:`lorakit.io.quantize_tensors`; ``lorakit.load`` dequantizes them)."""
+    quant = _quant_scheme(dtype, path)
+    dtype = None if quant else parse_dtype(dtype)
     if format == "kohya":
-        return write(_in_kohya_layout(lora, model), path, format, dtype=dtype, inputs=inputs)
+        lora = _in_kohya_layout(lora, model)
+        if quant:
+            return _write_quantized(lora, path, format, quant, inputs, None)
+        return write(lora, path, format, dtype=dtype, inputs=inputs)
     if format != "peft":
+        if quant:
+            return _write_quantized(lora, path, format, quant, inputs, None)
         return write(lora, path, format, dtype=dtype, inputs=inputs)
     check_peft_expressible(lora)  # say what cannot be expressed before building a model to resolve names
     comps = None if model is None else _components(model, lora)
     lora = _in_model_layout(lora, comps)
     lora = _flat_names_resolved(lora, comps)
     prefix = None if model is None else peft_prefix("denoiser", transformer=_denoiser_is_transformer(model, comps))
+    if quant:
+        return _write_quantized(lora, path, "peft", quant, inputs, prefix)
     return write(lora, path, "peft", dtype=dtype, inputs=inputs, denoiser_prefix=prefix)
+
+
+def _quant_scheme(dtype: object, path: str | os.PathLike[str]) -> str | None:
+    """``"fp8"``/``"int8"`` (or ``torch.float8_e4m3fn``/``torch.int8``) -> that scheme; float dtypes -> None. An
+    unknown name raises :class:`FormatError` listing every choice; a pickle target cannot carry the scheme."""
+    if dtype in (torch.int8, getattr(torch, "float8_e4m3fn", None)):
+        dtype = "int8" if dtype is torch.int8 else "fp8"
+    if not isinstance(dtype, str) or dtype.lower() not in QUANT_SCHEMES:
+        if isinstance(dtype, str):
+            try:
+                parse_dtype(dtype)
+            except FormatError:
+                raise FormatError(f"unknown dtype {dtype!r}; use one of fp32, fp16, bf16 (float) or "
+                                  f"{', '.join(QUANT_SCHEMES)} (quantized factors with per-row scales)") from None
+        return None
+    if Path(path).suffix.lower() in PICKLE_SUFFIXES:
+        raise FormatError(f"{path}: dtype={dtype!r} needs a .safetensors output (its metadata names the scheme)")
+    return dtype.lower()
+
+
+def _write_quantized(lora: LoRA, path: str | os.PathLike[str], format: str, scheme: str,
+                     inputs: Iterable[str | os.PathLike[str] | None], prefix: str | None) -> Path:
+    """The writer's tensors, factors quantized per row, written atomically (never over an input)."""
+    check_output(path, [lora.source, *inputs])  # before the work
+    tensors, meta = to_state_dict(lora, format, denoiser_prefix=prefix)
+    tensors, meta = quantize_tensors(tensors, meta, scheme)
+    return write_tensors(tensors, path, meta, inputs=[lora.source, *inputs])
 
 
 def _in_kohya_layout(lora: LoRA, model: object) -> LoRA:

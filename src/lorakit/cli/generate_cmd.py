@@ -220,7 +220,9 @@ def _run_all(pipe: Any, planned: list[_Planned], mode: str, strict: bool | None,
               help="auto: bf16 on a CUDA GPU that supports it, else fp32.")
 @click.option("--offload", type=click.Choice(["none", "model", "sequential"]), default="none", show_default=True,
               help="diffusers CPU offload, for models larger than the GPU (needs a GPU device).")
-@click.option("--mode", type=click.Choice(["fuse", "hook"]), default="fuse", show_default=True)
+@click.option("--mode", type=click.Choice(["fuse", "hook", "branch"]), default="fuse", show_default=True,
+              help="branch: append the LoRA factors to the low-rank branch of a model written by "
+                   "'lorakit quantize --lowrank' (exact, no requantisation).")
 @click.option("--strict", is_flag=True, help="Fail if any LoRA layer does not match the model.")
 @click.option("--skip-invalid", is_flag=True,
               help="Apply the valid layers of a LoRA with broken (NaN/Inf, incomplete) layers, with a warning; "

@@ -114,13 +114,18 @@ def _is_family(name: str) -> bool:
 @click.command("convert")
 @click.argument("src")
 @click.argument("dst")
-@click.option("--to", "fmt", type=click.Choice(["kohya", "peft"]), required=True, help="Output naming convention.")
-@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default=None, help="Cast float tensors.")
+@click.option("--to", "fmt", type=click.Choice(["kohya", "peft", "nunchaku"]), default=None,
+              help="Output naming convention (default: kohya; peft for a PEFT input). nunchaku needs --quant-model.")
+@click.option("--dtype", default=None,
+              help="fp16, bf16, fp32 (cast) or fp8, int8 (factors quantized with per-row scales).")
 @click.option("--model", default=None,
               help="Diffusers folder, 'tiny[-FAMILY]' or a family/variant name (flux1, sdxl, sd15, wan2.1-t2v-1.3b, ...): "
                    "the modules --to peft names, and the family whose kohya names --to kohya writes (default: "
                    "detected from the file).")
-def convert_cmd(src: str, dst: str, fmt: str, dtype: str | None, model: str | None) -> None:
+@click.option("--quant-model", default=None,
+              help="--to nunchaku: the Nunchaku SVDQuant FLUX transformer (.safetensors) the LoRA is for.")
+def convert_cmd(src: str, dst: str, fmt: str | None, dtype: str | None, model: str | None,
+                quant_model: str | None) -> None:
     """Rewrite a LoRA in kohya/A1111/ComfyUI or diffusers/PEFT naming (atomic; never over the input).
 
     --to kohya writes the names kohya's trainers write for the family (sd-scripts / musubi-tuner): FLUX.1
@@ -131,14 +136,29 @@ def convert_cmd(src: str, dst: str, fmt: str, dtype: str | None, model: str | No
         lorakit convert style.safetensors style-peft.safetensors --to peft --model ./my-sd15
         lorakit convert style-peft.safetensors style-kohya.safetensors --to kohya --dtype fp16
         lorakit convert flux-peft.safetensors flux-kohya.safetensors --to kohya --model flux1
+        lorakit convert style.safetensors style-int8.safetensors --dtype int8
+        lorakit convert flux-style.safetensors svdq-style.safetensors --to nunchaku --quant-model svdq-int4.safetensors
     """
     from .. import load, save
 
     lora = load(src)
+    if fmt == "nunchaku":
+        from ..quant.nunchaku import to_nunchaku
+
+        if not quant_model:
+            raise click.UsageError("--to nunchaku needs --quant-model (the SVDQuant transformer file)")
+        report = to_nunchaku(lora, quant_model, dst, model=_model(model) if model else None, inputs=[src])
+        click.echo("\n".join(report.lines()))
+        return
+    fmt = fmt or ("peft" if lora.format == "peft" else "kohya")
     target = _model(model) if model else None
     out = save(lora, dst, fmt, dtype=dtype, model=target)
     problems = lora.report.problems()
     click.echo(f"wrote {out} ({fmt}, {len(lora)} layers)")
+    if dtype and dtype.lower() in ("fp8", "int8"):
+        from ..quant.lorafile import quantized_file_report
+
+        click.echo("\n".join(quantized_file_report(lora, out, fmt, model=target).lines()))
     if problems:
         click.echo(f"{len(problems)} keys of {src} were not loaded and are not in the output: "
                    + ", ".join(sorted(problems)[:10]), err=True)
