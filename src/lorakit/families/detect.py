@@ -111,7 +111,7 @@ def family_scores(source: object) -> list[Candidate]:
 
 
 def _rank(c: Candidate) -> tuple:
-    return (-c.score, -(c.landed or 0.0), -(c.fit or 0.0), not c.complete, -(c.coverage or 0.0), -_prior(c.family),
+    return (-c.score, -(c.fit or 0.0), -(c.landed or 0.0), not c.complete, -(c.coverage or 0.0), -_prior(c.family),
             c.family)
 
 
@@ -119,11 +119,12 @@ def detect(source: object) -> str | None:
     """The one family the file is for, or ``None`` when no family fits or the best ones cannot be told apart.
 
     When names tie, the tied families' released models decide, in this order: a family on which fewer of the
-    file's layers land at all is out (a ``transformer_blocks.19`` layer rules out FLUX.1's 19 double blocks);
-    then one on which fewer land with fitting shapes (SD3's widths are not FLUX.1's); of the families that fit
-    exactly, the only one whose every touched block stack the file covers wins (a full FLUX.1 file also fits
-    HunyuanVideo's deeper model); otherwise the one family with the highest ``prior`` (FLUX.1 over HunyuanVideo),
-    and ``None`` where the highest prior is shared (FLUX.1 and Qwen-Image, or families with no prior).
+    file's layers land with fitting shapes is out (SD3's widths are not FLUX.1's); then one on which fewer land
+    at all, whatever their shapes (a toy file's ``transformer_blocks.19`` rules out FLUX.1's 19 double blocks);
+    of the families that fit exactly, the only one whose every touched block stack the file covers wins (a full
+    FLUX.1 file also fits HunyuanVideo's deeper model); otherwise the one family with the highest ``prior``
+    (FLUX.1 over HunyuanVideo), and ``None`` where the highest prior is shared (FLUX.1 and Qwen-Image, or
+    families with no prior).
     """
     cands = [c for c in family_scores(source) if c.score > THRESHOLD]
     if not cands:
@@ -131,12 +132,12 @@ def detect(source: object) -> str | None:
     tied = [c for c in cands if c.score >= cands[0].score - 1e-9]
     if len(tied) == 1:
         return tied[0].family
+    fit = max(c.fit or 0.0 for c in tied)
+    tied = [c for c in tied if (c.fit or 0.0) >= fit - 1e-9]
     landed = max(c.landed or 0.0 for c in tied)
     tied = [c for c in tied if (c.landed or 0.0) >= landed - 1e-9]
-    fit = max(c.fit or 0.0 for c in tied)
     if fit >= 0.999:
         # the file fits these released models exactly
-        tied = [c for c in tied if (c.fit or 0.0) >= 0.999]
         complete = [c for c in tied if c.complete]
         if complete:
             tied = complete
