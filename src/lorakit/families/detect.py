@@ -1,14 +1,15 @@
-"""Which model family a LoRA file is for: a score table over the registered families, then widths and block
-coverage when names alone tie.
+"""Which model family a LoRA file is for: a score table over the registered families, then the released models'
+widths and blocks when names alone tie.
 
 Each family scores a file's :class:`FileEvidence` (its denoiser layer paths, the layers' shapes, the text
 encoders' widths and the file's metadata) through :meth:`Family.evidence` (by default the share of paths its
 ``matches_file`` recognises). A family registered by any module plugs in by overriding either method; nothing
-here names a family. When the best scores tie (FLUX.1 and HunyuanVideo in diffusers names, LTX-Video and a
-video-only LTX-2 LoRA), each tied family's released model is built on the meta device and the one on which the
-file's layers land with fitting shapes and cover the blocks best wins, and a tie there is ``None``: truly ambiguous.
-When the shapes fit none of the tied families (a toy or truncated file), the family with the higher ``prior`` wins
-(FLUX.1 over HunyuanVideo); equal priors give ``None``.
+here names a family. When the best scores tie (FLUX.1, HunyuanVideo, Qwen-Image and SD3 in diffusers names,
+LTX-Video and a video-only LTX-2 LoRA), each tied family's released models (:attr:`Family.variants`) are built
+on the meta device, and :func:`detect` keeps the families on which most layers land with fitting shapes, then
+those on which most land at all, then the one whose every touched block stack the file covers; a tie left there
+goes to the one family with the highest ``prior`` (FLUX.1 over HunyuanVideo), and is ``None`` when that prior is
+shared: truly ambiguous.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import re
 from collections.abc import Iterable, Mapping
 
 from ..model import LoRA
-from .base import FAMILIES
+from .base import FAMILIES, Family
 
 __all__ = ["Candidate", "FileEvidence", "detect", "family_scores"]
 
@@ -154,7 +155,7 @@ def _prior(name: str) -> float:
     return next((float(f.prior) for f in FAMILIES if f.name == name), 0.0)
 
 
-def _fit(family, score: float, ev: FileEvidence) -> Candidate:
+def _fit(family: Family, score: float, ev: FileEvidence) -> Candidate:
     """The family's candidate with how the file lands on its released models (the best variant)."""
     from .offline import FAMILY_NAMES, meta_components, variant_for
 
@@ -166,8 +167,9 @@ def _fit(family, score: float, ev: FileEvidence) -> Candidate:
             denoiser = meta_components(variant, ("denoiser",))["denoiser"]
         except ImportError:
             continue
-        landed, fit, cover, complete = _landing(variant, denoiser, ev)
-        cand = Candidate(family.name, score, fit, cover, landed, complete, variant_for(variant))
+        name = variant_for(variant)
+        landed, fit, cover, complete = _landing(name, denoiser, ev)
+        cand = Candidate(family.name, score, fit, cover, landed, complete, name)
         if _rank(cand) < _rank(best):
             best = cand
     return best
