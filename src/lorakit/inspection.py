@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .families import Resolver, components_of, detect_family
+from .families import Resolver, components_of, detect_family, family_candidates
 from .families.offline import meta_components
 from .formats import load
 from .model import LoRA
@@ -87,6 +87,9 @@ class InspectResult:
     report: dict[str, Any]
     #: only when :func:`inspect` was given a model
     coverage: Coverage | None = None
+    #: only when detection is unsure (``family`` is ``None``): the best few families with their scores
+    #: (:class:`lorakit.families.Candidate` as dicts: name score, and fit on the released models where names tied)
+    candidates: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """The summary as a dict of JSON-ready values (``coverage`` only when a model was given)."""
@@ -105,13 +108,15 @@ def inspect(source: str | os.PathLike[str] | Mapping[str, torch.Tensor] | LoRA, 
     lora = load(source)
     ranks = lora.ranks()
     alphas = Counter(layer.weight.alpha for layer in lora if layer.weight is not None)
+    family = detect_family(lora)
+    unsure = [] if family is not None else [c.to_dict() for c in family_candidates(lora)[:_CANDIDATES]]
     size = None
     if lora.source and Path(lora.source).exists():
         size = Path(lora.source).stat().st_size
     return InspectResult(
         source=lora.source,
         format=lora.format,
-        family=detect_family(lora),
+        family=family,
         adapter_types=lora.adapter_types(),
         layers=len(lora),
         ranks=ranks,
@@ -128,7 +133,12 @@ def inspect(source: str | os.PathLike[str] | Mapping[str, torch.Tensor] | LoRA, 
         keys=sum(len(layer.keys) for layer in lora) + len(lora.report.problems()),
         report=lora.report.to_dict(),
         coverage=None if model is None else _coverage(lora, model),
+        candidates=unsure,
     )
+
+
+#: how many candidates an unsure detection shows
+_CANDIDATES = 3
 
 
 def _num(x: float) -> float | int:

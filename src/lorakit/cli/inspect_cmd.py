@@ -56,6 +56,7 @@ def _print_table(file: str, info: InspectResult) -> None:
     rows = [
         ("format", info.format),
         ("family", str(info.family or "-")),
+        *([("candidates", "; ".join(_candidate(c) for c in info.candidates))] if info.candidates else []),
         ("layers", str(info.layers)),
         ("adapter types", ", ".join(f"{k}={v}" for k, v in info.adapter_types.items())),
         ("rank", rank_txt),
@@ -95,6 +96,12 @@ def _print_table(file: str, info: InspectResult) -> None:
         console.print(f"[yellow]{len(problems)} keys not loaded:[/yellow]")
         for key, reason in sorted(problems.items()):
             console.print(f"  {key}: {reason}")
+
+
+def _candidate(c: dict) -> str:
+    """``flux1 1.0 (fit 1.0, landed 1.0)``: a family an unsure detection could not rule out, with its scores."""
+    extra = ", ".join(f"{k} {c[k]}" for k in ("fit", "landed", "complete", "variant") if c.get(k) is not None)
+    return f"{c['family']} {c['score']}" + (f" ({extra})" if extra else "")
 
 
 def _model(model: str):

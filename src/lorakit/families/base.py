@@ -147,6 +147,10 @@ class Family:
     #: common (FLUX.1 over HunyuanVideo for toy or partial files in their shared names) wins; equal priors stay
     #: ambiguous
     prior: ClassVar[float] = 0.0
+    #: the released variants (:mod:`lorakit.families.offline` names) detection fits a file against when names
+    #: tie; empty: the family's default variant (SD3 lists SD3 Medium, SD3.5 Medium and SD3.5 Large: their widths
+    #: differ)
+    variants: ClassVar[tuple[str, ...]] = ()
 
     def matches_model(self, component: str, module: nn.Module) -> bool:
         return bool(self.model_class) and component == "denoiser" and type(module).__name__ == self.model_class

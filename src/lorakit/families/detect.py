@@ -1,14 +1,15 @@
-"""Which model family a LoRA file is for: a score table over the registered families, then widths and block
-coverage when names alone tie.
+"""Which model family a LoRA file is for: a score table over the registered families, then the released models'
+widths and blocks when names alone tie.
 
 Each family scores a file's :class:`FileEvidence` (its denoiser layer paths, the layers' shapes, the text
 encoders' widths and the file's metadata) through :meth:`Family.evidence` (by default the share of paths its
 ``matches_file`` recognises). A family registered by any module plugs in by overriding either method; nothing
-here names a family. When the best scores tie (FLUX.1 and HunyuanVideo in diffusers names, LTX-Video and a
-video-only LTX-2 LoRA), each tied family's released model is built on the meta device and the one on which the
-file's layers land with fitting shapes and cover the blocks best wins, and a tie there is ``None``: truly ambiguous.
-When the shapes fit none of the tied families (a toy or truncated file), the family with the higher ``prior`` wins
-(FLUX.1 over HunyuanVideo); equal priors give ``None``.
+here names a family. When the best scores tie (FLUX.1, HunyuanVideo, Qwen-Image and SD3 in diffusers names,
+LTX-Video and a video-only LTX-2 LoRA), each tied family's released models (:attr:`Family.variants`) are built
+on the meta device, and :func:`detect` keeps the families on which most layers land with fitting shapes, then
+those on which most land at all, then the one whose every touched block stack the file covers; a tie left there
+goes to the one family with the highest ``prior`` (FLUX.1 over HunyuanVideo), and is ``None`` when that prior is
+shared: truly ambiguous.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import re
 from collections.abc import Iterable, Mapping
 
 from ..model import LoRA
-from .base import FAMILIES
+from .base import FAMILIES, Family
 
 __all__ = ["Candidate", "FileEvidence", "detect", "family_scores"]
 
@@ -73,21 +74,27 @@ def _delta_shape(layer) -> tuple[int, ...] | None:
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
-    """One family's score for a file: ``score`` from names (and the family's own shape rules); ``fit`` (share of
-    layers that land with fitting shapes on the family's released model) and ``coverage`` (share of that model's
-    blocks the file addresses) only when names tied."""
+    """One family's score for a file: ``score`` from names (and the family's own shape rules). Only when names
+    tied, from the family's released model (``variant``, the best of :attr:`Family.variants`) on the meta device:
+    ``landed`` (share of layers whose names land on a module), ``fit`` (share that land with fitting shapes),
+    ``coverage`` (share of the model's blocks the fitting layers address) and ``complete`` (the file addresses
+    every block of each block stack it touches)."""
 
     family: str
     score: float
     fit: float | None = None
     coverage: float | None = None
+    landed: float | None = None
+    complete: bool | None = None
+    variant: str | None = None
 
     def to_dict(self) -> dict[str, object]:
-        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in dataclasses.asdict(self).items()}
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in dataclasses.asdict(self).items()
+                if v is not None or k in ("family", "score")}
 
 
 def family_scores(source: object) -> list[Candidate]:
-    """Every family that recognises part of the file, best first (ties broken by fit and coverage)."""
+    """Every family that recognises part of the file, best first (ties broken by the released models)."""
     ev = FileEvidence.of(source)
     if not ev.paths:
         return []
@@ -98,63 +105,98 @@ def family_scores(source: object) -> list[Candidate]:
     tied = [f for f, s in scored if s > THRESHOLD and s >= top - 1e-9]
     for f, s in scored:
         if len(tied) > 1 and f in tied:
-            fit, cov = _fit(f.name, ev)
-            out.append(Candidate(f.name, s, fit, cov))
+            out.append(_fit(f, s, ev))
         else:
             out.append(Candidate(f.name, s))
-    return sorted(out, key=lambda c: (-c.score, -(c.fit or 0.0), -(c.coverage or 0.0), c.family))
+    return sorted(out, key=_rank)
+
+
+def _rank(c: Candidate) -> tuple:
+    return (-c.score, -(c.fit or 0.0), -(c.landed or 0.0), not c.complete, -(c.coverage or 0.0), -_prior(c.family),
+            c.family)
 
 
 def detect(source: object) -> str | None:
-    """The one family the file is for, or ``None`` when no family fits or the best ones cannot be told apart."""
+    """The one family the file is for, or ``None`` when no family fits or the best ones cannot be told apart.
+
+    When names tie, the tied families' released models decide, in this order: a family on which fewer of the
+    file's layers land with fitting shapes is out (SD3's widths are not FLUX.1's); then one on which fewer land
+    at all, whatever their shapes (a toy file's ``transformer_blocks.19`` rules out FLUX.1's 19 double blocks);
+    of the families that fit exactly, the only one whose every touched block stack the file covers wins (a full
+    FLUX.1 file also fits HunyuanVideo's deeper model); otherwise the one family with the highest ``prior``
+    (FLUX.1 over HunyuanVideo), and ``None`` where the highest prior is shared (FLUX.1 and Qwen-Image, or
+    families with no prior).
+    """
     cands = [c for c in family_scores(source) if c.score > THRESHOLD]
     if not cands:
         return None
-    best = cands[0]
-    rivals = [c for c in cands[1:] if c.score >= best.score - 1e-9]
-    if not rivals:
-        return best.family
-    key = (best.fit, best.coverage)
-    if best.fit is not None and best.fit >= 0.999:
-        # the file fits the best family's released model exactly: unless a rival fits and covers as well
-        # (truly ambiguous: None), that family wins
-        return None if any((c.fit, c.coverage) == key for c in rivals) else best.family
-    # the shapes fit none of the tied families' released models (a toy or truncated file): only names are left,
-    # and the family whose files are far more common wins when exactly one has the highest prior
-    priors = {c.family: _prior(c.family) for c in [best, *rivals]}
+    tied = [c for c in cands if c.score >= cands[0].score - 1e-9]
+    if len(tied) == 1:
+        return tied[0].family
+    fit = max(c.fit or 0.0 for c in tied)
+    tied = [c for c in tied if (c.fit or 0.0) >= fit - 1e-9]
+    landed = max(c.landed or 0.0 for c in tied)
+    tied = [c for c in tied if (c.landed or 0.0) >= landed - 1e-9]
+    if fit >= 0.999:
+        # the file fits these released models exactly
+        complete = [c for c in tied if c.complete]
+        if complete:
+            tied = complete
+    # otherwise the shapes fit none of them exactly (a toy or truncated file): names and landing are all there is
+    if len(tied) == 1:
+        return tied[0].family
+    priors = {c.family: _prior(c.family) for c in tied}
     top = max(priors.values())
     winners = [f for f, p in priors.items() if p == top]
-    return winners[0] if len(winners) == 1 and top > min(priors.values()) else None
+    return winners[0] if len(winners) == 1 else None
 
 
 def _prior(name: str) -> float:
     return next((float(f.prior) for f in FAMILIES if f.name == name), 0.0)
 
 
-def _fit(family: str, ev: FileEvidence) -> tuple[float, float]:
-    """How well the file lands on the family's default released model: (placed share, block coverage)."""
-    from .offline import FAMILY_NAMES, meta_components
+def _fit(family: Family, score: float, ev: FileEvidence) -> Candidate:
+    """The family's candidate with how the file lands on its released models (the best variant)."""
+    from .offline import FAMILY_NAMES, meta_components, variant_for
+
+    best = Candidate(family.name, score, 0.0, 0.0, 0.0, False)
+    for variant in family.variants or (family.name,):
+        if variant not in FAMILY_NAMES:
+            continue
+        try:
+            denoiser = meta_components(variant, ("denoiser",))["denoiser"]
+        except ImportError:
+            continue
+        name = variant_for(variant)
+        landed, fit, cover, complete = _landing(name, denoiser, ev)
+        cand = Candidate(family.name, score, fit, cover, landed, complete, name)
+        if _rank(cand) < _rank(best):
+            best = cand
+    return best
+
+
+def _landing(variant: str, denoiser, ev: FileEvidence) -> tuple[float, float, float, bool]:
+    """How the file lands on one released model: (landed share, fitting share, block coverage, complete)."""
     from .resolve import Resolver
 
-    if family not in FAMILY_NAMES:
-        return 0.0, 0.0
-    try:
-        denoiser = meta_components(family, ("denoiser",))["denoiser"]
-    except ImportError:
-        return 0.0, 0.0
-    resolver = _resolver(family, denoiser, Resolver)
+    resolver = _resolver(variant, denoiser, Resolver)
     mods = resolver.index.modules["denoiser"]
-    placed, blocks = 0, set()
+    landed = placed = 0
+    blocks: set[tuple[str, int]] = set()
     for path in ev.paths:
         targets = resolver._first("denoiser", _names(path))
         if not targets:
             continue
+        landed += 1
         if _fits(ev.shapes.get(path), targets, mods):
             placed += 1
             blocks.update(_blocks(t.module for t in targets))
     model_blocks = _blocks(mods)
     cover = len(blocks & model_blocks) / len(model_blocks) if model_blocks else 1.0
-    return placed / len(ev.paths), cover
+    stacks = {stack for stack, _ in blocks}
+    complete = bool(stacks) and all({b for b in model_blocks if b[0] == s} <= blocks for s in stacks)
+    n = len(ev.paths)
+    return landed / n, placed / n, cover, complete
 
 
 _RESOLVERS: dict[str, object] = {}

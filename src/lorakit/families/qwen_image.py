@@ -9,7 +9,6 @@ module adds detection. No released Qwen-Image(-Edit) checkpoint fuses a projecti
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 
 from .base import Family, register_family
 
@@ -20,8 +19,6 @@ _FILE = re.compile(
     r"|(img|txt)_mod[._]1|(img|txt)_mlp[._]net[._](0[._]proj|2)))?"
     r"|img_in|txt_in|txt_norm|proj_out|norm_out[._]linear|time_text_embed[._]timestep_embedder[._]linear_[12])$"
 )
-# what only Qwen-Image names: its per-stream modulations and MLPs, its input projections and text norm
-_MARKER = re.compile(r"(^|[._])((img|txt)_(mod|mlp)|img_in|txt_in|txt_norm)([._]|$)")
 
 
 @register_family
@@ -29,12 +26,11 @@ class QwenImage(Family):
     name = "qwen-image"
 
     model_class = "QwenImageTransformer2DModel"
+    #: its joint-attention names are FLUX.1's, HunyuanVideo's and SD3's too: such files tie on names and the
+    #: released models decide (60 blocks, no single-stream blocks, width 3072; ``transformer_blocks.19`` or deeper
+    #: rules out FLUX.1)
     file_pattern = _FILE
-
-    def matches_file(self, paths: Iterable[str]) -> float:
-        """The share of Qwen-Image names, when one name only Qwen-Image has is among them (an attention-only
-        file in diffusers naming is also an SD3 or FLUX.1 file: ambiguous, 0)."""
-        paths = list(paths)
-        if not any(_MARKER.search(p) for p in paths):
-            return 0.0
-        return super().matches_file(paths)
+    #: Qwen-Image LoRAs in diffusers names are as common as FLUX.1's (ai-toolkit, musubi, diffusers trainers): an
+    #: attention-only file that fits both released models (width 3072, blocks 0-18) stays ambiguous, where the
+    #: FLUX.1 prior alone would call it FLUX.1 (families.detect)
+    prior = 1.0

@@ -1,5 +1,7 @@
 """SD3 / SD3.5 (MMDiT): the original checkpoint names (kohya ``lora_sd3.py`` ``lora_unet_joint_blocks_0_...``,
-ComfyUI ``diffusion_model.joint_blocks.0...``) onto diffusers' ``SD3Transformer2DModel``.
+ComfyUI ``diffusion_model.joint_blocks.0...``) onto diffusers' ``SD3Transformer2DModel``. Detection scores the
+diffusers names too (``transformer_blocks.0.attn.add_q_proj``, ``ff_context``): the widths of the released models
+then tell an SD3 file from a FLUX.1 one (:mod:`lorakit.families.detect`).
 
 Fused ``x_block.attn.qkv`` / ``context_block.attn.qkv`` / ``x_block.attn2.qkv`` split by rows onto
 ``to_q/to_k/to_v`` / ``add_q_proj/add_k_proj/add_v_proj`` / ``attn2.to_*``. The last block's context
@@ -34,7 +36,19 @@ _GLOBAL = (
     ("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2"),
     ("final_layer.linear", "proj_out"),
 )
-_FILE = re.compile(r"^(joint_blocks[._]\d+[._](x_block|context_block)|x_embedder|t_embedder|y_embedder|final_layer)")
+_ORIGINAL = r"joint_blocks[._]\d+[._](x_block|context_block)|x_embedder|t_embedder|y_embedder|final_layer"
+# diffusers' SD3Transformer2DModel names: joint blocks (no single-stream blocks, no per-block MLP names of Qwen-Image)
+_DIFFUSERS_BLOCK = (
+    r"transformer_blocks[._]\d+[._](attn[._](to_[qkv]|add_[qkv]_proj|to_out[._]0|to_add_out|norm_(q|k|added_q|added_k))"
+    r"|attn2[._](to_[qkv]|to_out[._]0|norm_[qk])|ff(_context)?[._]net[._](0[._]proj|2)|norm1(_context)?[._]linear)$"
+)
+_DIFFUSERS = (
+    _DIFFUSERS_BLOCK + r"|(pos_embed[._]proj|context_embedder|time_text_embed[._](timestep|text)_embedder[._]linear_[12]"
+    r"|norm_out[._]linear|proj_out)$"
+)
+_FILE = re.compile(rf"^({_ORIGINAL}|{_DIFFUSERS})")
+# at least one MMDiT joint block, in either naming (x_embedder / final_layer / proj_out alone are FLUX-like too)
+_JOINT = re.compile(rf"^(joint_blocks[._]\d+[._](x_block|context_block)|{_DIFFUSERS_BLOCK})")
 # a joint block's index in original (joint_blocks) or diffusers (transformer_blocks) names, dotted or flattened
 _BLOCK = re.compile(r"(?:^|[._])(?:joint_blocks|transformer_blocks)[._](\d+)(?:[._]|$)")
 _QK_NORM = re.compile(r"(?:^|[._])(?:ln_q|ln_k|norm_q|norm_k|norm_added_q|norm_added_k)(?:[._]|$)")
@@ -47,10 +61,15 @@ class SD3(Family):
     model_class = "SD3Transformer2DModel"
     file_pattern = _FILE
 
+    #: SD3 Medium (24 blocks, width 1536), SD3.5 Medium (dual attention) and SD3.5 Large (38 blocks, 2432): a
+    #: diffusers-named SD3 file has FLUX.1's, HunyuanVideo's and Qwen-Image's joint-attention names, and these widths
+    #: tell it apart (families.detect)
+    variants = ("sd3-medium", "sd3.5-medium", "sd3.5-large")
+
     def matches_file(self, paths: Iterable[str]) -> float:
+        """The share of SD3 names, original or diffusers, when one MMDiT joint block is among them."""
         paths = list(paths)
-        # x_embedder / final_layer alone are FLUX-like too: ask for at least one MMDiT joint block
-        return super().matches_file(paths) if any(p.startswith("joint_blocks") for p in paths) else 0.0
+        return super().matches_file(paths) if any(_JOINT.match(p) for p in paths) else 0.0
 
     def aliases(self, component: str, module: nn.Module):
         mods = dict(module.named_modules())

@@ -246,6 +246,7 @@ def parse_state_dict(
     peft_cfg = _peft_config(metadata)
     kohya_oft = metadata.get("ss_network_module") == KOHYA_OFT_MODULE
     groups, group_keys = _group_keys(tensors, report, modules_to_save(peft_cfg), kohya_oft=kohya_oft)
+    _pair_stray_alphas(groups, group_keys)
     _move_base_weights(tensors, report, groups)
     layers = _build_layers(groups, group_keys, peft_cfg, report, strict=strict, where=where)
     if not layers:
@@ -334,6 +335,24 @@ def _group_keys(
         groups[name][field] = value
         group_keys[name].append(key)
     return groups, group_keys
+
+
+def _pair_stray_alphas(groups: dict[str, dict[str, torch.Tensor]], group_keys: dict[str, list[str]]) -> None:
+    """An alpha alone under its own module name joins the one layer whose name differs only in ``.`` vs ``_``
+    and which has no alpha: dot-spelled trainers (Anime-Z on Z-Image) write ``layers.1.attention.to.v.lora.down
+    .weight`` but ``layers.1.attention.to_v.alpha``. Ambiguous or unmatched alphas stay alone (reported invalid)."""
+    stray = [name for name, fields in groups.items() if set(fields) == {"alpha"}]
+    if not stray:
+        return
+    spelled: dict[str, list[str]] = defaultdict(list)
+    for name, fields in groups.items():
+        if "alpha" not in fields:
+            spelled[name.replace("_", ".")].append(name)
+    for name in stray:
+        homes = spelled.get(name.replace("_", "."), [])
+        if len(homes) == 1 and "alpha" not in groups[homes[0]]:
+            groups[homes[0]]["alpha"] = groups.pop(name)["alpha"]
+            group_keys[homes[0]].extend(group_keys.pop(name))
 
 
 def _build_layers(
