@@ -96,7 +96,10 @@ def test_read_errors_name_the_file(tmp_path) -> None:
 
 FAMILY_TASKS = {"StableDiffusionPipeline": "t2i", "StableDiffusionXLPipeline": "t2i", "StableDiffusion3Pipeline": "t2i",
                 "FluxPipeline": "t2i", "FluxKontextPipeline": "i2i", "WanPipeline": "t2v",
-                "WanImageToVideoPipeline": "i2v", "Cosmos2VideoToWorldPipeline": "v2w"}
+                "WanImageToVideoPipeline": "i2v", "Cosmos2VideoToWorldPipeline": "v2w",
+                "Flux2Pipeline": "t2i", "QwenImagePipeline": "t2i", "QwenImageEditPipeline": "i2i",
+                "HunyuanVideoPipeline": "t2v", "LTX2Pipeline": "t2v", "Krea2Pipeline": "t2i",
+                "HiDreamImagePipeline": "t2i", "Lumina2Pipeline": "t2i", "ZImagePipeline": "t2i"}
 SMALL = ["--steps", "2", "--width", "32", "--height", "32", "--prompt", "a cat"]
 
 
@@ -105,6 +108,19 @@ def test_task_comes_from_the_pipeline_class(name, task) -> None:
     import diffusers
 
     assert infer_task(getattr(diffusers, name)) == task
+
+
+def test_flux2_reference_images_are_optional(tmp_path) -> None:
+    """FLUX.2 takes reference images as an option: text alone is its default task (t2i), and ``--task i2i`` with
+    ``--image`` runs the same pipeline with the image as a reference."""
+    out = tmp_path / "f2.png"
+    _invoke(["generate", "--model", "tiny-flux2", *SMALL, "-o", str(out)])
+    ref = tmp_path / "ref.png"
+    _frames(1, size=(64, 64))[0].save(ref)  # FLUX.2 refuses references under 64 px
+    out2 = tmp_path / "f2-ref.png"
+    _invoke(["generate", "--model", "tiny-flux2", *SMALL, "--task", "i2i", "--image", str(ref), "-o", str(out2)])
+    a, b = np.asarray(Image.open(out)), np.asarray(Image.open(out2))
+    assert a.shape == b.shape == (32, 32, 3) and not np.array_equal(a, b)  # the reference image changed the image
 
 
 def test_missing_and_unexpected_inputs_name_the_flag() -> None:
@@ -321,3 +337,14 @@ def test_batch_input_applies_each_stack_once_in_grouped_order(wan, served, tmp_p
     assert len(applied) == 1  # one apply for both LoRA jobs, none for the plain one
     a, b = (np.stack([np.asarray(f) for f in media.read_video(tmp_path / n)]) for n in ("a.webp", "b.webp"))
     assert a.shape == (5, 32, 32, 3) and not np.array_equal(a, b)  # non-vacuity: the LoRA changed job a
+
+
+def test_the_cli_knows_every_tiny_family_class_before_loading() -> None:
+    """``generate`` checks the inputs against the task before it loads anything: every tiny family has its class."""
+    import diffusers
+
+    from lorakit.cli.generate_cmd import _TINY_CLASSES
+
+    assert set(_TINY_CLASSES) == set(lorakit.pipelines.TINY_FAMILIES)
+    for name in _TINY_CLASSES.values():
+        assert getattr(diffusers, name, None) is not None, name

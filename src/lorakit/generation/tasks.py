@@ -10,7 +10,8 @@ i2v     text + an image (required)      WanImageToVideoPipeline, LTXImageToVideo
 v2w     text + an image or a video      Cosmos2VideoToWorldPipeline (Cosmos Predict2 Video2World)
 ======  ==============================  ===========================================================
 
-FLUX.1 Kontext is ``i2i``: it is an editing model, so by default it needs an image; ``task="t2i"`` runs it from text
+FLUX.2 is ``t2i`` whose ``image`` is an optional list of reference images: ``task="i2i"`` (or ``--image``) passes
+them to the same pipeline. FLUX.1 Kontext is ``i2i``: it is an editing model, so by default it needs an image; ``task="t2i"`` runs it from text
 alone (diffusers allows ``image=None``). ``task="i2i"`` on a text-to-image pipeline that has an image-to-image
 twin in diffusers (SD1, SDXL, SD3, FLUX.1) runs that twin (``AutoPipelineForImage2Image.from_pipe``: the same
 modules, so LoRAs applied to one are on the other).
@@ -30,6 +31,10 @@ VIDEO_TASKS = ("t2v", "i2v", "v2w")
 #: the inputs each task needs (one of them) and the ones it takes (what check_inputs enforces; the server's /v1/info)
 NEEDS = {"i2i": ("image",), "i2v": ("image",), "v2w": ("image", "video")}
 TAKES = {"t2i": (), "t2v": (), "i2i": ("image",), "i2v": ("image",), "v2w": ("image", "video")}
+
+
+#: text-to-image pipelines whose ``image`` argument is optional reference images (not an editing input)
+OPTIONAL_REFERENCE = ("Flux2Pipeline", "Flux2KleinPipeline")
 
 
 def _cls(pipe: Any) -> type:
@@ -79,6 +84,8 @@ def infer_task(pipe: Any) -> str:
     video = "num_frames" in params or "Video" in name
     if "VideoToWorld" in name:
         return "v2w"
+    if name in OPTIONAL_REFERENCE or any(c.__name__ in OPTIONAL_REFERENCE for c in _cls(pipe).__mro__[1:]):
+        return "t2i"
     if "image" in params:
         return "i2v" if video else "i2i"
     return "t2v" if video else "t2i"
@@ -102,6 +109,8 @@ def pipeline_for_task(pipe: Any, task: str) -> Any:
     native = infer_task(pipe)
     if task == native or (task == "t2i" and native == "i2i" and "Kontext" in type(pipe).__name__):
         return pipe
+    if task == "i2i" and native == "t2i" and any(c.__name__ in OPTIONAL_REFERENCE for c in type(pipe).__mro__):
+        return pipe  # FLUX.2: reference images go to the pipeline itself
     if task == "i2i" and native == "t2i":
         from diffusers import AutoPipelineForImage2Image
 
