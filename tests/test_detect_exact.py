@@ -165,3 +165,25 @@ def test_stray_alphas_pair_only_when_unambiguous():
     assert list(lone.report.invalid) == ["a.to_q.alpha"] and lone.layers["a.to.v"].alpha is None
     twice = lorakit.load({**pair, "a.to.v.alpha": torch.tensor(1.0), "a.to_v.alpha": torch.tensor(3.0)})
     assert list(twice.report.invalid) == ["a.to_v.alpha"] and twice.layers["a.to.v"].alpha == 1.0
+
+
+def test_peft_conversion_without_a_model_uses_the_release_the_layers_fit(tmp_path) -> None:
+    """An SD3.5 Large file in original (kohya) names, saved as PEFT with no model: its fused ``qkv`` splits at
+    SD3.5 Large's width (2432), not SD3 Medium's (1536), the family's default release."""
+    import lorakit
+    from lorakit.io import read_tensors
+
+    g = torch.Generator().manual_seed(0)
+    down, up = torch.randn(4, 2432, generator=g), torch.randn(3 * 2432, 4, generator=g)
+    src = tmp_path / "sd35l.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight": down,
+               "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight": up,
+               "lora_unet_joint_blocks_0_x_block_attn_qkv.alpha": torch.tensor(4.0)}, str(src))
+    out = lorakit.save(lorakit.load(src), tmp_path / "peft.safetensors", "peft")
+    tensors = read_tensors(out)[0]
+    q_b = tensors["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"]
+    assert q_b.shape == (2432, 4) and torch.equal(q_b, up[:2432])
+    assert torch.equal(tensors["transformer.transformer_blocks.0.attn.to_v.lora_B.weight"], up[2 * 2432:])
+    assert torch.equal(tensors["transformer.transformer_blocks.0.attn.to_k.lora_A.weight"], down)

@@ -199,11 +199,16 @@ def _in_model_layout(lora: LoRA, comps: dict[str, nn.Module] | None) -> LoRA:
         family = detect_family(lora)
         if family is None:
             return lora  # no family namespace to translate; flat names are resolved below
+        for variant in _variants(family):  # the first published model the layers fit (SD3.5 Large after Medium)
+            comps = meta_components(variant, _wanted(lora))
+            try:
+                moved = _moved(lora, comps)
+            except ShapeMismatchError:
+                continue
+            if family in DIFFUSERS_NAMED or _misfit(moved, comps) is None:
+                return moved
         comps = meta_components(family, _wanted(lora))
-    denoiser = comps.get("denoiser")
-    prefix = peft_prefix("denoiser", transformer=denoiser is None or "UNet" not in type(denoiser).__name__)
-    moved, _unmatched = to_model_layout(lora, Resolver(comps), denoiser_prefix=prefix)
-    return moved
+    return _moved(lora, comps)
 
 
 def _flat_names_resolved(lora: LoRA, comps: dict[str, nn.Module] | None) -> LoRA:
