@@ -170,6 +170,9 @@ class _Run:
         total = self.total_steps()
         self.optimizer = _optimizer(self._param_groups(), c)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(c, total))
+        # fp16 autocast: dynamic loss scaling (as Accelerate and the diffusers scripts do), so that small activation
+        # gradients do not flush to zero in fp16; bf16 and fp32 need none
+        self.scaler = torch.amp.GradScaler(self.device.type) if c.mixed_precision == "fp16" else None
         self._print_stats()
         self._fixed_validation()
         if c.resume is not None:
@@ -365,12 +368,19 @@ class _Run:
             mean, std, cond = self._encode(local)
             x0 = mean + std * eps[mine].to(mean.device)
             loss = self._loss(x0, noise[mine], t[mine], cond) * (len(local) / n)
-            (loss / k).backward()
+            scaled = loss / k
+            (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
             total += float(loss.detach())
         params = self.built.network.trainable_parameters()
         self.world.average_gradients(params)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
-        self.optimizer.step()
+        if self.scaler is None:
+            self.optimizer.step()
+        else:  # skips the step when a gradient is inf/NaN (and lowers the scale)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return self.world.total(total) / k
@@ -431,6 +441,8 @@ class _Run:
             "loss": list(self.losses),
             "validation_loss": [list(v) for v in self.val_losses],
         }
+        if self.scaler is not None:
+            state["grad_scaler"] = self.scaler.state_dict()
         with atomic_output(Path(c.state_dir) / STATE_FILE) as tmp, open(tmp, "wb") as fh:
             torch.save(state, fh)
 
@@ -452,6 +464,8 @@ class _Run:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
+        if self.scaler is not None and "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
         self.data.load(state["data"])
         self.step = int(state["step"])
         self.losses = [float(x) for x in state["loss"]]
