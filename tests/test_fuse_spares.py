@@ -2,6 +2,7 @@
 and the chunked path equals a plain fp32 reference rounded once."""
 
 import torch
+from torch import nn
 
 import lorakit
 from lorakit.adapters import LoRAWeights
@@ -33,3 +34,34 @@ def test_switch_reuses_spare_and_remove_is_exact() -> None:
         p.remove()
         assert torch.equal(model.lin.weight.data, snap)
         assert fuse_mod.drop_spares() >= original.numel() * original.element_size()
+
+
+def test_large_fused_tensors_on_huge_pages_are_exact_and_ordinary_tensors(tmp_path) -> None:
+    """A fused CPU tensor of 4 MiB or more is allocated on an anonymous mapping advised for huge pages: it is exact,
+    survives the allocation's scope, saves and loads, moves, and its memory goes with it."""
+    import gc
+
+
+
+    lin = nn.Linear(1024, 1200)  # 4.7 MiB of fp32 weight
+    w0 = lin.weight.detach().clone()
+    down, up = torch.randn(8, 1024) * 0.1, torch.randn(1200, 8) * 0.1
+    lora = LoRA({"0": Layer("0", None, "0", weight=LoRAWeights(down, up, 8.0))})
+    model = nn.Sequential(lin)
+    fuse_mod.drop_spares()
+    patch = lorakit.apply(model, [(lora, 0.5)])
+    w = model[0].weight
+    want = torch.addmm(w0, up, down, alpha=0.5)
+    assert torch.equal(w.detach(), want) and not torch.equal(w.detach(), w0)
+    gc.collect()
+    assert torch.equal(model[0].weight.detach(), want)  # the mapping lives as long as the tensor
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    assert torch.equal(torch.load(tmp_path / "m.pt", weights_only=True)["0.weight"], want)
+    assert torch.equal(model[0].weight.detach().to(torch.float64).float(), want)
+    patch.remove()
+    assert torch.equal(model[0].weight.detach(), w0)
+    if fuse_mod._HUGE:
+        big = fuse_mod._empty(torch.empty(2048, 1024))
+        assert big.shape == (2048, 1024) and big.dtype == torch.float32
+        big.fill_(1.5)
+        assert float(big.sum()) == 1.5 * 2048 * 1024

@@ -5,6 +5,9 @@ that removal is bit-exact. The deltas themselves come from :mod:`lorakit.placeme
 from __future__ import annotations
 
 import dataclasses
+import mmap
+import os
+import sys
 import threading
 import weakref
 
@@ -103,7 +106,30 @@ def _output_for(param: nn.Parameter | None, like: torch.Tensor) -> torch.Tensor:
     if spare is not None and spare.shape == like.shape and spare.dtype == like.dtype and spare.device == like.device \
             and spare.is_contiguous() and spare.data_ptr() != like.data_ptr():
         return spare
-    return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    return _empty(like)
+
+
+#: CPU tensors from this size up are allocated with transparent huge pages where the kernel offers them
+#: (``madvise`` mode): a fresh fused tensor is written once, and faulting it in 2 MiB pages instead of 4 KiB ones
+#: takes ~8x less time (1 GiB: 0.12 s against 0.7-1.0 s on the 2-core test machine). ``LORAKIT_HUGEPAGES=0`` turns
+#: it off; other platforms use ``torch.empty``.
+HUGE_MIN_BYTES = 4 << 20
+_HUGE = (sys.platform.startswith("linux") and hasattr(mmap, "MADV_HUGEPAGE")
+         and os.environ.get("LORAKIT_HUGEPAGES", "1") != "0")
+
+
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor shaped like ``like``: on the CPU and large, backed by an anonymous mapping advised
+    for huge pages (freed with the tensor, which holds the mapping's buffer); otherwise ``torch.empty``."""
+    nbytes = like.numel() * like.element_size()
+    if not _HUGE or like.device.type != "cpu" or nbytes < HUGE_MIN_BYTES:
+        return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    try:
+        region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        region.madvise(mmap.MADV_HUGEPAGE)
+    except (OSError, ValueError):
+        return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    return torch.frombuffer(region, dtype=torch.uint8).view(like.dtype).view(like.shape)
 
 
 def fused_value(original: torch.Tensor, live: list[Contribution], strengths: list[float]) -> torch.Tensor:
