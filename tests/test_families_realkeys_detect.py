@@ -52,6 +52,12 @@ KNOWN_PRIOR = {
         "is FLUX.1's too and lands on both released models, so FLUX.1's prior (the more common FLUX file) answers; "
         "with its real shapes (4096 wide) it fits neither FLUX.1 nor the released FLUX.2 variants lorakit knows "
         "(dev 6144, Klein 4B 3072), so names alone decide there too"),
+    "sd3_lora_transformer_kohya__comfyui_issue3701": (
+        "qwen-image",
+        "SD3-Medium attention-only names (lora_transformer_transformer_blocks_13/22_attn_*) without shapes: Qwen-Image "
+        "has the same modules and 60 blocks, so both land every layer (FLUX.1 and HunyuanVideo lack block 22); "
+        "Qwen-Image's prior (there to tie with FLUX.1's) beats SD3's, which has none. With its real shapes (1536 "
+        "wide) SD3-Medium is the only fit (test_confusion_table_sd3_diffusers_file_is_not_flux)"),
 }
 #: fixture stem -> the released variant its layers land on, where that is not the family's default
 VARIANT = {
