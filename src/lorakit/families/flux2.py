@@ -59,6 +59,12 @@ _MARKER = re.compile(
     r"|[._]to_qkv_mlp_proj$|[._]ff(_context)?[._]linear_(in|out)$"
     r"|^single_transformer_blocks[._]\d+[._]attn[._]to_out$"
 )
+# BFL block names (dotted or flattened): FLUX.1 writes them too, so a file of these alone ties with FLUX.1 and the
+# released models' shapes decide (families.detect)
+_BFL = re.compile(
+    r"^(double_blocks[._]\d+[._](img|txt)_(attn[._](qkv|proj|norm[._](query|key)_norm)|mlp[._][02])"
+    r"|single_blocks[._]\d+[._](linear[12]|norm[._](query|key)_norm))$"
+)
 _FILE = re.compile(
     r"^(double_blocks[._]\d+[._](img|txt)_(attn[._](qkv|proj|norm[._](query|key)_norm)|mlp[._][02])"
     r"|single_blocks[._]\d+[._](linear[12]|norm[._](query|key)_norm)"
@@ -75,13 +81,20 @@ class Flux2(Family):
 
     model_class = "Flux2Transformer2DModel"
     file_pattern = _FILE
+    #: released models detection fits BFL-named files against (FLUX.2-dev is 6144 wide, Klein 4B 3072 with a
+    #: 3x SwiGLU feed-forward: FLUX.1's 3072 / 4x GELU shapes fit neither)
+    variants = ("flux2-dev", "flux2-klein-4b")
 
     def matches_file(self, paths: Iterable[str]) -> float:
-        """The share of FLUX.2 names, only when a name FLUX.1 lacks is among them (BFL block names alone are
-        ambiguous); such a marker adds 0.5, so that FLUX.1's generic block-name score cannot tie with it."""
+        """The share of FLUX.2 names when a name FLUX.1 lacks is among them, plus 0.5, so that FLUX.1's generic
+        block-name score cannot tie with it. Without such a marker, the share of BFL block names
+        (``double_blocks.N.img_attn.qkv``, ``single_blocks.N.linear1``): a file of those alone ties with FLUX.1
+        and the released models' shapes and block counts decide (ai-toolkit and ComfyUI write FLUX.2 LoRAs so)."""
         paths = list(paths)
-        if not any(_MARKER.search(p) for p in paths):
+        if not paths:
             return 0.0
+        if not any(_MARKER.search(p) for p in paths):
+            return sum(bool(_BFL.match(p)) for p in paths) / len(paths)
         return super().matches_file(paths) + 0.5
 
     def aliases(self, component: str, module: nn.Module):
