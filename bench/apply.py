@@ -215,7 +215,7 @@ def main() -> None:
         r = hook_overhead(unet, args.rounds)
         print(f"\nUNet forward fp32 1x4x32x32, 3 stacked rank-32 LoRAs: fused {spread(r['fused'])}, hook {spread(r['hook'])}; "
               f"hook / fused = {ratio(r['hook'], r['fused'])}{busy}")
-    check_quiet(True, "end")
+    check_quiet(True, "end", own_threads=torch.get_num_threads())
 
 
 if __name__ == "__main__":

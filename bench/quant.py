@@ -169,7 +169,7 @@ def main() -> None:
         print(f"| {name} | {b / 2**20:.1f} MiB | {b / ref_bytes:.2f}x | {spread(t[f'{name}/fwd'])} "
               f"| {spread(t[f'{name}/fwd_hook'])} | {ratio(t[f'{name}/fwd_hook'], t[f'{name}/fwd'])} "
               f"| {spread(t[f'{name}/fwd_fused'])} | {spread(hook)} | {spread(fuse)} ({fuse_name}) | {ratio(fuse, hook)} |")
-    check_quiet(True, "end")
+    check_quiet(True, "end", own_threads=torch.get_num_threads())
 
 
 if __name__ == "__main__":

@@ -162,7 +162,7 @@ def main() -> None:
         bench_load(model, loras, path, args.rounds, busy)
     if not args.no_forward:
         bench_batch(model, loras, args.batch, args.rounds, busy)
-    check_quiet(True, "end")
+    check_quiet(True, "end", own_threads=torch.get_num_threads())
 
 
 if __name__ == "__main__":

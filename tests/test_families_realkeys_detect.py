@@ -34,6 +34,14 @@ AMBIGUOUS = {
         "attention-only diffusers names (transformer_blocks.N.attn.to_q/to_k) at width 3072 over blocks 0-1: FLUX.1, "
         "HunyuanVideo and Qwen-Image all have these modules with these shapes (SD3's widths are 1536/2432), and "
         "FLUX.1 and Qwen-Image files are equally common (equal priors)",
+    "flux2_bfl_lokr__diffusers_issue13261":
+        "FLUX.2-klein-9B LoKr in bare BFL names (double_blocks 3-4, single_blocks 10-16) from a log, no shapes: every "
+        "name is FLUX.1's too and lands on both released models; with names only, no prior decides",
+    "sd3_lora_transformer_kohya__comfyui_issue3701":
+        "SD3-Medium attention-only names (lora_transformer_transformer_blocks_13/22_attn_*) from a log, no shapes: "
+        "Qwen-Image has the same modules and 60 blocks, so both land every layer (FLUX.1 and HunyuanVideo lack block "
+        "22). With its real shapes (1536 wide) SD3-Medium is the only fit (test_confusion_table_sd3_diffusers_file_"
+        "is_not_flux)",
 }
 #: fixture stem -> layers that do not land with fitting shapes on the released model, and why
 MISFIT = {
@@ -43,22 +51,6 @@ MISFIT = {
 }
 
 
-#: fixture stem -> (what detect_family returns, why): known limitations of name-only lists, pinned so that a change
-#: shows (a list here is truly ambiguous by its names; the prior rule of families.detect answers for it)
-KNOWN_PRIOR = {
-    "flux2_bfl_lokr__diffusers_issue13261": (
-        "flux1",
-        "FLUX.2-klein-9B LoKr in bare BFL names (double_blocks 3-4, single_blocks 10-16) without shapes: every name "
-        "is FLUX.1's too and lands on both released models, so FLUX.1's prior (the more common FLUX file) answers; "
-        "with its real shapes (4096 wide) it fits neither FLUX.1 nor the released FLUX.2 variants lorakit knows "
-        "(dev 6144, Klein 4B 3072), so names alone decide there too"),
-    "sd3_lora_transformer_kohya__comfyui_issue3701": (
-        "qwen-image",
-        "SD3-Medium attention-only names (lora_transformer_transformer_blocks_13/22_attn_*) without shapes: Qwen-Image "
-        "has the same modules and 60 blocks, so both land every layer (FLUX.1 and HunyuanVideo lack block 22); "
-        "Qwen-Image's prior (there to tie with FLUX.1's) beats SD3's, which has none. With its real shapes (1536 "
-        "wide) SD3-Medium is the only fit (test_confusion_table_sd3_diffusers_file_is_not_flux)"),
-}
 #: fixture stem -> the released variant its layers land on, where that is not the family's default
 VARIANT = {
     # Wan 2.1 I2V LoRAs: the image cross-attention (k_img, v_img, norm_k_img) exists in the I2V 14B model only
@@ -124,9 +116,6 @@ def test_detect_family_on_real_key_lists(fixture):
     cands = [c.to_dict() for c in family_candidates(ev)[:3]]
     if stem in AMBIGUOUS:
         assert got is None, (got, cands)
-        return
-    if stem in KNOWN_PRIOR:
-        assert got == KNOWN_PRIOR[stem][0], (got, cands)
         return
     assert got == _family_of(fixture), (got, cands)
 

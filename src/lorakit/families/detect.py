@@ -8,8 +8,9 @@ here names a family. When the best scores tie (FLUX.1, HunyuanVideo, Qwen-Image 
 LTX-Video and a video-only LTX-2 LoRA), each tied family's released models (:attr:`Family.variants`) are built
 on the meta device, and :func:`detect` keeps the families on which most layers land with fitting shapes, then
 those on which most land at all, then the one whose every touched block stack the file covers; a tie left there
-goes to the one family with the highest ``prior`` (FLUX.1 over HunyuanVideo), and is ``None`` when that prior is
-shared: truly ambiguous.
+goes to the one family with the highest ``prior`` (FLUX.1 over HunyuanVideo) when the file has shapes that fit
+none of them (a toy or truncated file), and is ``None`` when that prior is shared or the file has names only (a key
+list from a log): truly ambiguous.
 """
 
 from __future__ import annotations
@@ -127,7 +128,8 @@ def detect(source: object) -> str | None:
     (FLUX.1 over HunyuanVideo), and ``None`` where the highest prior is shared (FLUX.1 and Qwen-Image, or
     families with no prior).
     """
-    cands = [c for c in family_scores(source) if c.score > THRESHOLD]
+    ev = FileEvidence.of(source)
+    cands = [c for c in family_scores(ev) if c.score > THRESHOLD]
     if not cands:
         return None
     tied = [c for c in cands if c.score >= cands[0].score - 1e-9]
@@ -145,6 +147,8 @@ def detect(source: object) -> str | None:
     # otherwise the shapes fit none of them exactly (a toy or truncated file): names and landing are all there is
     if len(tied) == 1:
         return tied[0].family
+    if not ev.shapes:
+        return None  # names alone (a key list from a log, no tensors): the prior would be a guess
     priors = {c.family: _prior(c.family) for c in tied}
     top = max(priors.values())
     winners = [f for f, p in priors.items() if p == top]
