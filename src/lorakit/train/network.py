@@ -91,13 +91,17 @@ class LoRAModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype if torch.is_autocast_enabled(x.device.type) else self.down.dtype
-        x = x.to(dtype)
+        if x.dtype != dtype:
+            x = x.to(dtype)
         if self.conv:
             down = self.down if self.down.dim() == 4 else self.down[:, :, None, None]
             up = self.up.reshape(self.up.shape[0], self.rank, 1, 1)
             h = F.conv2d(x, down.to(dtype), None, self.stride, self.padding, self.dilation)
             return F.conv2d(h, up.to(dtype)) * self.scale
-        return F.linear(F.linear(x, self.down.to(dtype)), self.up.reshape(-1, self.rank).to(dtype)) * self.scale
+        down = self.down if self.down.dtype == dtype else self.down.to(dtype)
+        up = self.up if self.up.dim() == 2 else self.up.reshape(-1, self.rank)
+        h = F.linear(F.linear(x, down), up if up.dtype == dtype else up.to(dtype))
+        return h if self.scale == 1.0 else h * self.scale  # no extra op (and backward node) at scale 1
 
 
 @dataclasses.dataclass
