@@ -24,21 +24,7 @@ FIELDS = {"oft": {"oft_blocks": "oft_blocks", "rescale": "rescale", "alpha": "al
           "ia3": {"weight": "ia3_weight", "on_input": "on_input"}}
 
 
-class _Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.fc1 = nn.Linear(16, 32)
-        self.conv = nn.Conv2d(8, 16, 3, padding=1)
-        self.fc2 = nn.Linear(32, 16)
-
-    def forward(self, x: torch.Tensor, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.fc2(torch.tanh(self.fc1(x))), self.conv(img)
-
-
-def _inputs():
-    g = torch.Generator().manual_seed(7)
-    return torch.randn(5, 16, generator=g), torch.randn(2, 8, 6, 6, generator=g)
+from _oft_util import _inputs, _Net  # noqa: E402  (shared with the other OFT/IA3 tests)
 
 
 def _peer_modules(model: nn.Module, algo: str, **kw) -> dict[str, nn.Module]:
