@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image, ImageDraw
 
@@ -57,3 +58,12 @@ def make_init(pipe, path: Path, rank: int = 4, alpha: float = 8.0) -> Path:
         name = "unet." + path_
         layers[name] = Layer(name=name, component="denoiser", path=path_, weight=weight)
     return lorakit.save(LoRA(layers=layers, format="lorakit"), path, "kohya", dtype="fp16")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread for a training test module (the tests compare runs; 2 cores are shared)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

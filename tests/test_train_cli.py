@@ -5,20 +5,16 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 import lorakit
-from _train_util import INIT_MODULES, make_init, make_shapes
+from _train_util import (
+    INIT_MODULES,
+    make_init,
+    make_shapes,
+    one_thread,  # noqa: E402,F401  (autouse: one torch thread per module)
+)
 from lorakit.cli import cli, main
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_train_json_and_report(tmp_path):

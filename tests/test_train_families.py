@@ -8,17 +8,12 @@ import pytest
 import torch
 
 import lorakit
-from _train_util import make_shapes
+from _train_util import (
+    make_shapes,
+    one_thread,  # noqa: E402,F401  (autouse: one torch thread per module)
+)
 from lorakit.train import TrainConfig, train
 from lorakit.train.objective import denoiser_for
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -12,18 +12,13 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 import lorakit
-from _train_util import make_shapes
+from _train_util import (
+    make_shapes,
+    one_thread,  # noqa: E402,F401  (autouse: one torch thread per module)
+)
 from lorakit.train import TrainConfig, train
 from lorakit.train.buckets import assign, bucket_sizes
 from lorakit.train.objective import denoiser_for
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,7 @@ from lorakit.train.objective import denoiser_for
 COLORS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60), "yellow": (230, 210, 40)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from _train_util import one_thread  # noqa: E402,F401  (autouse: one torch thread per module)
 
 
 def make_clips(folder: Path, n: int = 4, frames: int = 5, size: int = 32) -> Path:
