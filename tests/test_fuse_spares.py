@@ -1,6 +1,7 @@
 """The fast fuse path: a switch writes into the tensor freed by the previous remove, remove stays bit-exact,
 and the chunked path equals a plain fp32 reference rounded once."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -65,3 +66,19 @@ def test_large_fused_tensors_on_huge_pages_are_exact_and_ordinary_tensors(tmp_pa
         assert big.shape == (2048, 1024) and big.dtype == torch.float32
         big.fill_(1.5)
         assert float(big.sum()) == 1.5 * 2048 * 1024
+
+
+def test_the_finiteness_screen_runs_only_where_the_fused_value_can_overflow() -> None:
+    from lorakit.errors import NonFiniteError
+
+    small = [(torch.randn(8, 4), torch.randn(4, 8), 1.0)]
+    assert not fuse_mod._may_overflow(torch.float32, small) and not fuse_mod._may_overflow(torch.bfloat16, small)
+    assert fuse_mod._may_overflow(torch.float16, small)  # fp16's range is small: always screened
+    huge = [(torch.full((8, 4), 1e20), torch.full((4, 8), 1e20), 1.0)]
+    assert fuse_mod._may_overflow(torch.float32, huge)
+    model = nn.Sequential(nn.Linear(8, 8))
+    w0 = model[0].weight.detach().clone()
+    lora = LoRA({"0": Layer("0", None, "0", weight=LoRAWeights(torch.full((4, 8), 1e20), torch.full((8, 4), 1e20)))})
+    with pytest.raises(NonFiniteError, match="NaN/Inf"):
+        lorakit.apply(model, [(lora, 1.0)])
+    assert torch.equal(model[0].weight.detach(), w0)  # nothing was applied

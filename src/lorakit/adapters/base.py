@@ -88,7 +88,7 @@ class WeightAdapter:
         """Check shapes and finiteness; raise a FormatError subclass naming ``name``."""
         for field in self.fields:
             value = getattr(self, field)
-            if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not _all_finite(value):
                 raise NonFiniteError(f"{name}.{field} contains NaN or Inf; the file is corrupt.")
 
     # -- what the file holds ----------------------------------------------------------------------
@@ -269,3 +269,12 @@ def adapter_for_fields(fields: set[str] | frozenset[str]) -> type[WeightAdapter]
         if any(f in fields for f in cls.detect):
             return cls
     return None
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every element is finite: a finite sum proves it in one reduction pass (a NaN or an Inf makes the
+    sum non-finite); only a sum that overflowed is checked element by element."""
+    if t.numel() == 0:
+        return True
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    return bool(torch.isfinite(torch.sum(t, dtype=acc))) or bool(torch.isfinite(t).all())

@@ -5,6 +5,7 @@ that removal is bit-exact. The deltas themselves come from :mod:`lorakit.placeme
 from __future__ import annotations
 
 import dataclasses
+import math
 import mmap
 import os
 import sys
@@ -190,10 +191,24 @@ def _fused_tensor(original: torch.Tensor, live: list[Contribution], strengths: l
     return new
 
 
+def _may_overflow(dtype: torch.dtype, factors: list[tuple[torch.Tensor, torch.Tensor, float]]) -> bool:
+    """Whether the fused value needs the per-chunk finiteness screen. The factors were checked finite when loaded,
+    so ``W + Σ sᵢ upᵢ@downᵢ`` can only leave the finite range by overflow: impossible when the bound
+    ``Σ |sᵢ|·rᵢ·max|upᵢ|·max|downᵢ|`` is below a quarter of the dtype's range (W itself would need to be within
+    a factor 4/3 of the largest finite value). fp16 (range 65504) is always screened."""
+    if dtype == torch.float16:
+        return True
+    bound = 0.0
+    for up, down, alpha in factors:
+        bound += abs(alpha) * up.shape[1] * float(up.abs().amax()) * float(down.abs().amax())
+    return not math.isfinite(bound) or bound > torch.finfo(dtype).max / 4
+
+
 def _fused_low_rank(param: nn.Parameter | None, original: torch.Tensor, live: list[Contribution], strengths: list[float]) -> torch.Tensor:
     """The fast path (whole-tensor low-rank contributions): row chunks of ``W + Σ sᵢ·scaleᵢ·upᵢ @ downᵢ``
     computed in fp32 in a cache-sized scratch and rounded once into the output, so memory is read once and
-    written once (the in-place floor) whatever the dtype. Finiteness: one fp32 sum per chunk."""
+    written once (the in-place floor) whatever the dtype. Finiteness: one fp32 sum per chunk where
+    the result could overflow (:func:`_may_overflow`)."""
     w2 = original.view(original.shape[0], -1)
     rows, cols = w2.shape
     acc = torch.float64 if original.dtype == torch.float64 else torch.float32
@@ -203,6 +218,7 @@ def _fused_low_rank(param: nn.Parameter | None, original: torch.Tensor, live: li
     o2 = out.view(rows, cols)
     step = max(1, CHUNK // max(cols, 1))
     sums = torch.empty((rows + step - 1) // step, dtype=torch.float32, device=dev)
+    check = _may_overflow(original.dtype, factors)
     direct = original.dtype == acc  # fp32/fp64: addmm writes straight into the output rows
     scratch = None if direct else torch.empty((min(step, rows), cols), dtype=acc, device=dev)
     for j, r0 in enumerate(range(0, rows, step)):
@@ -218,8 +234,9 @@ def _fused_low_rank(param: nn.Parameter | None, original: torch.Tensor, live: li
             dst.addmm_(up[r0:r1], down, alpha=alpha)
         if not direct:
             o2[r0:r1].copy_(dst)
-        torch.sum(o2[r0:r1], dim=(0, 1), dtype=torch.float32, out=sums[j])
-    if not bool(torch.isfinite(sums.sum())) and not bool(torch.isfinite(out).all()) and bool(torch.isfinite(original).all()):
+        if check:
+            torch.sum(o2[r0:r1], dim=(0, 1), dtype=torch.float32, out=sums[j])
+    if check and not bool(torch.isfinite(sums.sum())) and not bool(torch.isfinite(out).all()) and bool(torch.isfinite(original).all()):
         names = sorted({c.layer for c in live})
         raise NonFiniteError(
             f"fusing {', '.join(names)} gives NaN/Inf in {original.dtype} (strengths {[strengths[c.lora] for c in live]}); "
