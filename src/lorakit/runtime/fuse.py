@@ -216,10 +216,11 @@ def _fused_low_rank(param: nn.Parameter | None, original: torch.Tensor, live: li
     factors = [(c.factors.up.to(dev, acc), c.factors.down.to(dev, acc), strengths[c.lora] * c.factors.scale) for c in live]
     out = _output_for(param, original)
     o2 = out.view(rows, cols)
-    step = max(1, CHUNK // max(cols, 1))
-    sums = torch.empty((rows + step - 1) // step, dtype=torch.float32, device=dev)
     check = _may_overflow(original.dtype, factors)
     direct = original.dtype == acc  # fp32/fp64: addmm writes straight into the output rows
+    # chunks keep the scratch (half precision) and the finiteness sum in cache; with neither, one call does it all
+    step = rows if direct and not check else max(1, CHUNK // max(cols, 1))
+    sums = torch.empty((rows + step - 1) // step, dtype=torch.float32, device=dev)
     scratch = None if direct else torch.empty((min(step, rows), cols), dtype=acc, device=dev)
     for j, r0 in enumerate(range(0, rows, step)):
         r1 = min(r0 + step, rows)
