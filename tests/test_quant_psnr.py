@@ -4,7 +4,8 @@ VAE stay fp32). Without torchao, lorakit's own fp8-scaled layers (per row) stand
 
 Measured here (32x32, 2 steps, seed 3, LoRA rank 4 on the attention projections): PSNR of the int8-base image vs the
 fp32-base image, both with the LoRA, SD1 67.8 dB, FLUX 65.3 dB; the LoRA itself moves the fp32 image to 23.2 dB
-(SD1) and 34.4 dB (FLUX). The thresholds leave room: > 50 dB for the base, < 40 dB for the LoRA's own change."""
+(SD1) and 34.4 dB (FLUX). The thresholds leave room: > 50 dB for the int8 base (> 42 dB for the fp8 stand-in: FLUX
+measured 48.9 dB), < 40 dB for the LoRA's own change."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ import lorakit
 from lorakit.generation import generate
 
 STEPS, SIZE = 2, 32
-PSNR_MIN = 50.0  # measured 67.8 (SD1) and 65.3 (FLUX)
+#: per base scheme: int8 measured 67.8 (SD1) and 65.3 (FLUX) dB; the fp8-scaled stand-in (3 mantissa bits) 50.9 (SD1),
+#: 48.9 (FLUX) without torchao (as in CI)
+PSNR_MIN = {"torchao int8 weight-only": 50.0, "fp8 scaled per row (torchao missing)": 42.0}
 LORA_MAX = 40.0  # measured 23.2 (SD1) and 34.4 (FLUX): the LoRA must change the image far more than int8 does
 
 
@@ -73,5 +76,5 @@ def test_lora_on_int8_base_stays_close_to_fp32(family, attr, guidance):
     close = _psnr(with_lora["int8"], with_lora["fp32"])
     moved = _psnr(with_lora["fp32"], base)
     print(f"{family} ({how}): PSNR int8 vs fp32 base with the LoRA {close:.1f} dB; LoRA vs none {moved:.1f} dB")
-    assert close > PSNR_MIN
-    assert moved < LORA_MAX
+    assert close > PSNR_MIN[how]
+    assert moved < LORA_MAX and close > moved + 6.0  # quantization moves the image far less than the LoRA does
