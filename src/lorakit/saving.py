@@ -110,18 +110,9 @@ def _in_kohya_layout(lora: LoRA, model: object) -> LoRA:
     if model is not None:
         comps = _components(model, lora)
         return to_kohya_layout(_moved(lora, comps), KohyaNames(comps, family), comps)
-    misfit = None
-    for variant in _variants(family):
-        comps = meta_components(variant, _wanted(lora))
-        try:
-            moved = _moved(lora, comps)
-        except ShapeMismatchError as exc:
-            misfit = misfit or str(exc)
-            continue
-        wrong = None if family in DIFFUSERS_NAMED else _misfit(moved, comps)
-        if wrong is None:
-            return to_kohya_layout(moved, KohyaNames(comps, family), comps)
-        misfit = misfit or wrong
+    moved, comps, misfit = _first_fit(lora, family)
+    if moved is not None:
+        return to_kohya_layout(moved, KohyaNames(comps, family), comps)
     warnings.warn(f"{misfit}: the LoRA does not fit any published {family} model, so the names kohya's trainers "
                   "would give its layers are unknown; keeping the file's own names (flattened). Pass the model "
                   "(convert --model DIR|tiny-<family>, save(model=...)) to write kohya's names.", stacklevel=3)
@@ -199,16 +190,29 @@ def _in_model_layout(lora: LoRA, comps: dict[str, nn.Module] | None) -> LoRA:
         family = detect_family(lora)
         if family is None:
             return lora  # no family namespace to translate; flat names are resolved below
-        for variant in _variants(family):  # the first published model the layers fit (SD3.5 Large after Medium)
-            comps = meta_components(variant, _wanted(lora))
-            try:
-                moved = _moved(lora, comps)
-            except ShapeMismatchError:
-                continue
-            if family in DIFFUSERS_NAMED or _misfit(moved, comps) is None:
-                return moved
+        moved, _, _ = _first_fit(lora, family)  # SD3.5 Large's widths after SD3 Medium's
+        if moved is not None:
+            return moved
         comps = meta_components(family, _wanted(lora))
     return _moved(lora, comps)
+
+
+def _first_fit(lora: LoRA, family: str) -> tuple[LoRA | None, dict[str, nn.Module], str | None]:
+    """``(the LoRA in the model's layout, its components, None)`` on the first published model of ``family``
+    (default first) whose shapes fit every layer; ``(None, {}, the first misfit)`` when none does."""
+    misfit = None
+    for variant in _variants(family):
+        comps = meta_components(variant, _wanted(lora))
+        try:
+            moved = _moved(lora, comps)
+        except ShapeMismatchError as exc:
+            misfit = misfit or str(exc)
+            continue
+        wrong = None if family in DIFFUSERS_NAMED else _misfit(moved, comps)
+        if wrong is None:
+            return moved, comps, None
+        misfit = misfit or wrong
+    return None, {}, misfit
 
 
 def _flat_names_resolved(lora: LoRA, comps: dict[str, nn.Module] | None) -> LoRA:

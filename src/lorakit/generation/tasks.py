@@ -41,6 +41,11 @@ def _cls(pipe: Any) -> type:
     return pipe if isinstance(pipe, type) else type(pipe)
 
 
+def _optional_reference(pipe: Any) -> bool:
+    """Whether the pipeline (or a class it derives from) takes ``image`` as optional reference images (FLUX.2)."""
+    return any(c.__name__ in OPTIONAL_REFERENCE for c in _cls(pipe).__mro__)
+
+
 def call_params(pipe: Any) -> set[str]:
     """The keyword arguments a pipeline's (or pipeline class's) ``__call__`` takes; a wrapper's ``**kwargs`` (a
     subclass that sets defaults and calls ``super().__call__``) is looked through to the parent's signature."""
@@ -84,7 +89,7 @@ def infer_task(pipe: Any) -> str:
     video = "num_frames" in params or "Video" in name
     if "VideoToWorld" in name:
         return "v2w"
-    if name in OPTIONAL_REFERENCE or any(c.__name__ in OPTIONAL_REFERENCE for c in _cls(pipe).__mro__[1:]):
+    if _optional_reference(pipe):
         return "t2i"
     if "image" in params:
         return "i2v" if video else "i2i"
@@ -109,7 +114,7 @@ def pipeline_for_task(pipe: Any, task: str) -> Any:
     native = infer_task(pipe)
     if task == native or (task == "t2i" and native == "i2i" and "Kontext" in type(pipe).__name__):
         return pipe
-    if task == "i2i" and native == "t2i" and any(c.__name__ in OPTIONAL_REFERENCE for c in type(pipe).__mro__):
+    if task == "i2i" and native == "t2i" and _optional_reference(pipe):
         return pipe  # FLUX.2: reference images go to the pipeline itself
     if task == "i2i" and native == "t2i":
         from diffusers import AutoPipelineForImage2Image
