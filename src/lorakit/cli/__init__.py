@@ -45,8 +45,8 @@ class LazyGroup(click.Group):
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lorakit")
 def cli() -> None:
-    """lorakit: LoRA files for diffusion models — inspect, convert, apply, generate, extract, merge,
-    compose, resize, validate and serve."""
+    """lorakit: LoRA files for diffusion models — inspect, convert, apply, generate, train, extract, merge,
+    compose, resize, validate, split, quantize and serve."""
 
 
 def _terminate(signum: int, _frame: object) -> None:

@@ -133,7 +133,8 @@ def _is_family(name: str) -> bool:
               help="--to nunchaku: the Nunchaku SVDQuant FLUX transformer (.safetensors) the LoRA is for.")
 def convert_cmd(src: str, dst: str, fmt: str | None, dtype: str | None, model: str | None,
                 quant_model: str | None) -> None:
-    """Rewrite a LoRA in kohya/A1111/ComfyUI or diffusers/PEFT naming (atomic; never over the input).
+    """Rewrite a LoRA in kohya/A1111/ComfyUI, diffusers/PEFT or Nunchaku form, optionally with fp8/int8 factors
+    (atomic; never over the input).
 
     --to kohya writes the names kohya's trainers write for the family (sd-scripts / musubi-tuner): FLUX.1
     lora_unet_double_blocks_0_img_attn_qkv (fused q/k/v), SDXL lora_unet_input_blocks_4_1_..., Wan
