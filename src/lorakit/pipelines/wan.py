@@ -109,7 +109,7 @@ def build_wan22(seed: int = 0) -> Any:
     """A tiny random Wan 2.2 A14B-style ``WanPipeline``: two experts of the Wan 2.1 architecture with their own
     weights (``transformer``: high noise, ``transformer_2``: low noise) and ``boundary_ratio`` 0.875, as the
     Wan2.2-T2V-A14B-Diffusers model_index has. With 2 steps the first runs on ``transformer`` (t=1000), the second on
-    ``transformer_2`` (t=750)."""
+    ``transformer_2`` (t below 875)."""
     from diffusers import WanPipeline, WanTransformer3DModel
 
     torch.manual_seed(seed)
