@@ -215,6 +215,40 @@ def test_wan22_trains_only_the_named_expert_and_both_loaders_put_it_there(clips,
     finally:
         patches.remove()
     torch.testing.assert_close(by_lorakit, by_diffusers, atol=1e-5, rtol=1e-5)
+    # continuing the file trains the same expert: step 0 equals lorakit.apply of it on that expert
+    again = train(pipe, clips, TrainConfig(steps=1, resolution=32, init=out, expert=expert, validation_split=0.25))
+    assert again.start_difference is not None and again.start_difference < 1e-5
+
+
+def test_wan22_image_to_video_a14b_trains_an_expert_without_clip_features(clips):
+    """Wan 2.2 I2V A14B: WanImageToVideoPipeline with two 36-channel experts and no image encoder (no image_dim):
+    the same mask + first-frame latents, no CLIP features, timesteps below boundary 0.9 for --expert low."""
+    from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
+
+    from lorakit.pipelines.wan import TINY_TRANSFORMER
+
+    i2v = lorakit.tiny_pipeline("wan-i2v")
+    parts = {k: v for k, v in i2v.components.items() if k not in ("transformer", "transformer_2", "image_encoder", "image_processor")}
+    torch.manual_seed(5)
+    experts = [WanTransformer3DModel(**(TINY_TRANSFORMER | {"in_channels": 36})) for _ in range(2)]
+    pipe = WanImageToVideoPipeline(**parts, transformer=experts[0], transformer_2=experts[1], boundary_ratio=0.9)
+    d = denoiser_for(pipe, CPU, "low")
+    pixels = _first_clip(clips)
+    mean, _ = d.encode_images(pixels)
+    _, condition = pipe.prepare_latents(pixels[:, :, 0], 1, 16, 32, 32, 5, torch.float32, CPU,
+                                        torch.Generator().manual_seed(0))
+    assert mean.shape[1] == 36 and torch.equal(mean[:, 16:], condition) and d.model_inputs(mean)[1] is None
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    calls, handles = _record_calls(pipe)
+    try:
+        result = train(pipe, clips, TrainConfig(steps=2, lr=1e-2, resolution=32, batch_size=2, rank=2, expert="low"))
+    finally:
+        for h in handles:
+            h.remove()
+    assert all(math.isfinite(x) for x in result.loss) and not calls["transformer"]
+    assert calls["transformer_2"] and all(t < 900.0 for t in calls["transformer_2"])
+    assert all(layer.weight.up.abs().sum() > 0 for layer in result.lora.layers.values())
+    assert all(torch.equal(before[k], v) for k, v in pipe.transformer.state_dict().items())
 
 
 def test_cli_refuses_a_two_expert_model_without_expert_and_other_video_families(clips, tmp_path):
