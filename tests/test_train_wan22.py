@@ -113,9 +113,9 @@ def test_tiny_i2v_trains_and_diffusers_loads_the_file(clips, tmp_path):
                                             output=out, cache_latents=True, validation_split=0.25, validate_every=2,
                                             seed=1))
     assert len(result.loss) == 3 and all(math.isfinite(x) for x in result.loss)
-    assert [s for s, _ in result.validation_loss] == [0, 2, 3]  # recorded (measured: 1.68 -> 1.64, CPU seed 1)
+    assert [s for s, _ in result.validation_loss] == [0, 2, 3]
     assert all(math.isfinite(v) for _, v in result.validation_loss)
-    assert result.validation_loss[-1][1] != result.validation_loss[0][1]
+    assert result.validation_loss[-1][1] < result.validation_loss[0][1]  # measured: 1.582 -> 1.558 -> 1.541 (CPU)
     assert all(layer.weight.up.abs().sum() > 0 for layer in result.lora.layers.values())  # every layer moved
     assert torch.equal(_i2v_out(pipe, hidden, image), base)  # hooks gone
     fresh = lorakit.tiny_pipeline("wan-i2v")
