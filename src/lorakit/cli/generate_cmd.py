@@ -28,6 +28,7 @@ DEFAULTS = Job(prompt="", steps=20, seed=0)
 _TINY_CLASSES = {"sd1": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
                  "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "flux-kontext": "FluxKontextPipeline",
                  "wan-t2v": "WanPipeline", "wan-i2v": "WanImageToVideoPipeline",
+                 "wan22": "WanPipeline",
                  "cosmos": "Cosmos2VideoToWorldPipeline", "ltx-video": "LTXPipeline", "ltx2": "LTX2Pipeline",
                  "hidream": "HiDreamImagePipeline", "lumina2": "Lumina2Pipeline", "z-image": "ZImagePipeline",
                  "qwen-image": "QwenImagePipeline", "qwen-image-edit": "QwenImageEditPipeline",

@@ -24,6 +24,9 @@ _MORE = [
     click.option("--validation-split", type=float, default=0.0, show_default=True, help="Fraction of samples held out."),
     click.option("--cache-latents", is_flag=True, help="Encode each image and caption once."),
     click.option("--frames", type=int, default=None, help="Video families (Wan, Cosmos): frames taken from each clip, 4k+1 [default: 5]."),
+    click.option("--expert", type=click.Choice(["high", "low"]), default=None,
+                 help="Wan 2.2 A14B (two experts, required there): train the high-noise transformer (timesteps >= "
+                      "boundary_ratio*1000) or the low-noise transformer_2 (below); one LoRA file per expert."),
     click.option("--train-text-encoder", is_flag=True, help="Also train a LoRA on the CLIP text encoder(s)."),
     click.option("--text-encoder-lr", type=float, default=None, help="Learning rate of the text-encoder LoRA [default: --lr]."),
     click.option("--buckets", is_flag=True, help="Aspect-ratio buckets around --resolution² (batches hold one bucket)."),

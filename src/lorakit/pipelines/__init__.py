@@ -23,6 +23,7 @@ TINY_FAMILIES: dict[str, str] = {
     "flux": "flux",
     "wan-t2v": "wan",
     "wan-i2v": "wan",
+    "wan22": "wan",  # Wan 2.2 A14B: two experts (transformer, transformer_2)
     "cosmos": "cosmos",
     # wave 2 families
     "flux2": "flux2",

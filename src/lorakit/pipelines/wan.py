@@ -1,5 +1,6 @@
-"""The tiny Wan 2.1 pipelines (``family="wan-t2v"``: ``WanPipeline``; ``"wan-i2v"``: ``WanImageToVideoPipeline``
-with its tiny CLIP vision encoder): random weights from configs in code, the offline UMT5 tokenizer, no download."""
+"""The tiny Wan pipelines (``family="wan-t2v"``: Wan 2.1 ``WanPipeline``; ``"wan-i2v"``: ``WanImageToVideoPipeline``
+with its tiny CLIP vision encoder; ``"wan22"``: a Wan 2.2 A14B-style ``WanPipeline`` with two experts): random weights
+from configs in code, the offline UMT5 tokenizer, no download."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from ._text import t5_tokenizer
 
-__all__ = ["TINY_TRANSFORMER", "TINY_UMT5", "TINY_VAE", "TINY_VISION", "build_wan_i2v", "build_wan_t2v"]
+__all__ = ["TINY_TRANSFORMER", "TINY_UMT5", "TINY_VAE", "TINY_VISION", "WAN22_BOUNDARY", "build_wan22", "build_wan_i2v", "build_wan_t2v"]
 
 # 2 blocks of 2 heads × 8 = width 16. The VAE is 8x spatial and 4x temporal: 32x32 -> 4x4 latents (2x2 tokens),
 # 5 frames -> 2 latent frames.
@@ -97,3 +98,23 @@ def build_wan_i2v(seed: int = 0) -> Any:
     )
     return pipe
 
+
+
+#: Wan 2.2 T2V A14B's ``boundary_ratio`` (its model_index.json): ``transformer`` (high noise) runs while the
+#: timestep is >= 875, ``transformer_2`` (low noise) below.
+WAN22_BOUNDARY = 0.875
+
+
+def build_wan22(seed: int = 0) -> Any:
+    """A tiny random Wan 2.2 A14B-style ``WanPipeline``: two experts of the Wan 2.1 architecture with their own
+    weights (``transformer``: high noise, ``transformer_2``: low noise) and ``boundary_ratio`` 0.875, as the
+    Wan2.2-T2V-A14B-Diffusers model_index has. With 2 steps the first runs on ``transformer`` (t=1000), the second on
+    ``transformer_2`` (t below 875)."""
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(**TINY_TRANSFORMER)
+    torch.manual_seed(seed + 4)
+    transformer_2 = WanTransformer3DModel(**TINY_TRANSFORMER)
+    return WanPipeline(transformer=transformer, transformer_2=transformer_2, boundary_ratio=WAN22_BOUNDARY,
+                       **_common(seed))

@@ -6,7 +6,13 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PRESETS", "TrainConfig", "TrainResult"]
+__all__ = ["EXPERT_NAMES", "PRESETS", "TrainConfig", "TrainResult"]
+
+#: ``expert`` spellings -> ``high`` / ``low`` (``lorakit generate --lora f@low_noise``, LightX2V's ``low_noise_model``)
+EXPERT_NAMES: dict[str, str] = {
+    "high": "high", "high_noise": "high", "high_noise_model": "high",
+    "low": "low", "low_noise": "low", "low_noise_model": "low",
+}
 
 #: ``--preset`` -> module-name patterns on the denoiser (UNet and DiT spellings side by side)
 PRESETS: dict[str, tuple[str, ...]] = {
@@ -74,10 +80,13 @@ class TrainConfig:
     bucket_step: int = 64
     min_snr_gamma: float | None = None  # min-SNR loss weighting (Hang et al. 2023)
     noise_offset: float = 0.0  # per-sample, per-channel constant added to the noise
+    expert: str | None = None  # Wan 2.2 A14B: "high" (transformer, t >= boundary) or "low" (transformer_2)
     guidance: float = 1.0  # guidance-distilled transformers (FLUX.1-dev) take this as their guidance input
     progress: bool = False  # a rich progress bar (the CLI turns it on)
 
     def __post_init__(self) -> None:
+        if isinstance(self.expert, str):  # lorakit generate's / LightX2V's spellings name the same experts
+            self.expert = EXPERT_NAMES.get(self.expert.lower(), self.expert)
         self.train_modules = tuple(self.train_modules)
         self.freeze_modules = tuple(self.freeze_modules)
         self.targets = tuple(self.targets)
@@ -101,6 +110,7 @@ class TrainConfig:
             (self.bucket_step >= 8, f"bucket_step must be >= 8, got {self.bucket_step}"),
             (self.min_snr_gamma is None or self.min_snr_gamma > 0, f"min_snr_gamma must be > 0, got {self.min_snr_gamma}"),
             (self.noise_offset >= 0, f"noise_offset must be >= 0, got {self.noise_offset}"),
+            (self.expert in (None, "high", "low"), f"expert must be high or low (Wan 2.2 A14B), got {self.expert!r}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -144,10 +144,11 @@ class _Run:
     def setup(self) -> None:
         c = self.config
         self.pipe.to(self.device)
-        self.denoiser = denoiser_for(self.pipe, self.device)
+        self.denoiser = denoiser_for(self.pipe, self.device, c.expert)
         self.denoiser.guidance = c.guidance
         self._check_frames()
-        self.components = components = components_of(self.pipe)
+        # the denoiser trained: the pipeline's, or the Wan 2.2 expert picked by --expert
+        self.components = components = {**components_of(self.pipe), "denoiser": self.denoiser.model}
         for module in components.values():
             for p in module.parameters():
                 self._grad_flags[p] = p.requires_grad
@@ -529,7 +530,7 @@ def _progress(enabled: bool, total: int, done: int) -> Any:
         yield advance
 
 
-VIDEO_PIPELINES = ("WanPipeline", "Cosmos2VideoToWorldPipeline")
+VIDEO_PIPELINES = ("WanPipeline", "WanImageToVideoPipeline", "Cosmos2VideoToWorldPipeline")
 
 
 def _frames(config: TrainConfig) -> int:
@@ -538,14 +539,14 @@ def _frames(config: TrainConfig) -> int:
 
 def _is_video(pipe_or_dir: Any) -> bool:
     """Whether ``pipe_or_dir`` is a video family lorakit trains (decided before any model is loaded, so the data
-    are checked first): a pipeline object, ``tiny-wan-t2v``/``tiny-cosmos``, or a folder's model_index.json."""
+    are checked first): a pipeline object, ``tiny-wan-t2v``/``-wan-i2v``/``-wan22``/``-cosmos``, or a folder's model_index.json."""
     if not isinstance(pipe_or_dir, (str, os.PathLike)):
         return type(pipe_or_dir).__name__ in VIDEO_PIPELINES
     from ..pipelines import tiny_model_name
 
     family = tiny_model_name(str(pipe_or_dir))
     if family is not None:
-        return family in ("wan-t2v", "cosmos")
+        return family in ("wan-t2v", "wan-i2v", "wan22", "cosmos")
     index = Path(pipe_or_dir) / "model_index.json"
     try:
         import json

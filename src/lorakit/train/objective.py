@@ -1,19 +1,20 @@
 """The training objective of each denoiser family, read from the pipeline: ε- or v-prediction on a DDPM
-schedule (SD 1/2, SDXL: ``x_t = add_noise(x0, ε, t)``) or flow matching (SD3, FLUX.1, Wan 2.1, Cosmos Predict2:
+schedule (SD 1/2, SDXL: ``x_t = add_noise(x0, ε, t)``) or flow matching (SD3, FLUX.1, Wan 2.1/2.2, Cosmos Predict2:
 ``x_t = (1-σ)·x0 + σ·ε``, target ``ε - x0``). A :class:`Denoiser` turns images and captions into latents and conditioning, and runs the
 model on noisy latents."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import UnsupportedAdapterError
+from ..errors import InternalError, UnsupportedAdapterError
 
-__all__ = ["Denoiser", "denoiser_for"]
+__all__ = ["VIDEO_FAMILIES", "Denoiser", "denoiser_for"]
 
 
 class Denoiser:
@@ -230,13 +231,48 @@ class _VideoDenoiser(Denoiser):
 
 
 class WanDenoiser(_VideoDenoiser):
-    """Wan 2.1 (T2V): flow matching with the scheduler's ``shift`` (``flow_shift`` on UniPC configs), the
-    transformer takes ``timestep = σ·1000``."""
+    """Wan 2.1 / 2.2 A14B text-to-video: flow matching with the scheduler's ``shift`` (``flow_shift`` on UniPC
+    configs), the transformer takes ``timestep = σ·1000``.
 
-    def __init__(self, pipe: Any, device: torch.device) -> None:
+    Wan 2.2 A14B has two experts: diffusers runs ``transformer`` while the timestep is at or above
+    ``boundary_ratio·1000`` (high noise) and ``transformer_2`` below it (low noise). ``expert`` trains one of them
+    (as musubi-tuner and LightX2V's separate high/low LoRA files do): the LoRA sits on that transformer and σ is
+    drawn from the shifted distribution *restricted to that expert's range* (inverse CDF, one uniform per sample),
+    so the expert sees the timesteps it meets at inference, with the frequencies it meets them."""
+
+    def __init__(self, pipe: Any, device: torch.device, expert: str | None = None) -> None:
         super().__init__(pipe, device)
         sched = pipe.scheduler.config
         self.sigma_shift = float(sched.get("flow_shift") or sched.get("shift") or 1.0)
+        self.expert = expert
+        self.boundary: float | None = None
+        if expert is not None:
+            self.boundary = float(pipe.config.boundary_ratio)
+            self.model = pipe.transformer if expert == "high" else pipe.transformer_2
+
+    def draw_time(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        if self.boundary is None:
+            return super().draw_time(n, generator)
+        s, b = self.sigma_shift, self.boundary
+        u_b = b / (s - (s - 1) * b)  # the unshifted draw whose shifted σ is the boundary
+        lo, hi = (u_b, 1.0) if self.expert == "high" else (0.0, u_b)
+        u = lo + (hi - lo) * torch.rand(n, generator=generator)
+        sigma = s * u / (1 + (s - 1) * u)
+        return self._routed(sigma)
+
+    def _routed(self, sigma: torch.Tensor) -> torch.Tensor:
+        """``sigma`` nudged (by float steps, at the boundary only) until the pipeline's own float32 test
+        ``σ·T >= boundary_ratio·T`` sends every sample to this expert."""
+        threshold = torch.tensor(self.boundary * self.timesteps, dtype=torch.float32)
+        high = self.expert == "high"
+        toward = torch.tensor(2.0 if high else -1.0)
+        for _ in range(64):
+            t = sigma.float() * self.timesteps
+            wrong = t < threshold if high else t >= threshold
+            if not wrong.any():
+                return sigma
+            sigma = torch.where(wrong, torch.nextafter(sigma.float(), toward), sigma)
+        raise InternalError(f"could not draw a timestep on the {self.expert} side of boundary {self.boundary}")
 
     def predict(self, noisy: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         dtype = self._dtype()
@@ -244,6 +280,110 @@ class WanDenoiser(_VideoDenoiser):
         return self.model(hidden_states=noisy.to(self.device, dtype), timestep=timestep,
                           encoder_hidden_states=cond["encoder_hidden_states"].to(self.device, dtype),
                           return_dict=False)[0].float()
+
+
+class WanI2VDenoiser(WanDenoiser):
+    """Wan image-to-video (2.1 I2V; 2.2 A14B I2V with ``expert``): the clip is the training input and its first
+    frame the condition, built as ``WanImageToVideoPipeline`` builds it at inference (``prepare_latents``,
+    ``encode_image``, ``__call__``):
+
+    - ``latent_condition``: the VAE mode of ``[first frame, F-1 zero frames]``, normalised ``(z - mean)·(1/std)``;
+    - the mask: 4 channels (the VAE's temporal factor) per latent frame, 1 on the first latent frame, 0 after;
+    - transformer input ``cat([noisy latents, mask, latent_condition], channels)``;
+    - ``encoder_hidden_states_image``: the CLIP image encoder's second-to-last hidden states of the first frame
+      (Wan 2.1 only: a transformer with ``image_dim``).
+
+    The loss is over the noisy video channels, as for text-to-video. The condition travels through the run's
+    batches and latent cache as extra channels of the encoded "latents" with posterior std 0 (so ``x0`` keeps them
+    exactly and the noise never touches them), and the CLIP features as further channels packed behind them: one
+    encode per clip gives everything the step needs."""
+
+    def __init__(self, pipe: Any, device: torch.device, expert: str | None = None) -> None:
+        super().__init__(pipe, device, expert)
+        self.z = int(self.vae.config.z_dim)
+        self.temporal = int(getattr(pipe, "vae_scale_factor_temporal", 4) or 4)
+        self.width = int(self.model.config.in_channels)  # noisy + mask + condition channels
+        if self.width != 2 * self.z + self.temporal:
+            raise UnsupportedAdapterError(
+                f"{type(self.model).__name__} takes {self.width} input channels, not the {2 * self.z + self.temporal} "
+                "(noise + mask + image latents) of Wan image-to-video; training this pipeline is not supported"
+            )
+        self.image_features = getattr(self.model.config, "image_dim", None) is not None
+        self._image_tokens: tuple[int, int] | None = None  # (tokens, width) of the CLIP features, set by encode
+
+    @torch.no_grad()
+    def condition(self, first: torch.Tensor, frames: int) -> torch.Tensor:
+        """``[B, 4 + z, f, h, w]``: the mask and ``latent_condition`` of a ``frames``-frame clip whose first frame is
+        ``first`` (``[B, 3, H, W]`` in [-1, 1])."""
+        b, _, height, width = first.shape
+        video = torch.cat([first[:, :, None], first.new_zeros(b, 3, frames - 1, height, width)], dim=2)
+        latent = self.vae.encode(video.to(self.device, self.vae.dtype)).latent_dist.mode().float()
+        cfg = self.vae.config
+        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(self.device, torch.float32)
+        inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(self.device, torch.float32)
+        latent = (latent - mean) * inv_std
+        mask = torch.zeros(b, self.temporal, *latent.shape[2:], device=latent.device)
+        mask[:, :, 0] = 1.0
+        return torch.cat([mask, latent], dim=1)
+
+    @torch.no_grad()
+    def image_embeddings(self, first: torch.Tensor) -> torch.Tensor:
+        """``[B, tokens, width]``: what ``encode_image`` gives for the first frames (PIL images, as a user passes)."""
+        from PIL import Image
+
+        u8 = ((first.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return self.pipe.encode_image([Image.fromarray(x) for x in u8], self.device).float()
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``pixels [B, 3, F, H, W]`` -> ``(mean, std)``: the clip's posterior, then the condition channels and the
+        packed CLIP features with std 0."""
+        mean, std = super().encode_images(pixels)
+        first = pixels[:, :, 0]
+        extra = [self.condition(first, pixels.shape[2])]
+        if self.image_features:
+            features = self.image_embeddings(first)
+            self._image_tokens = (features.shape[1], features.shape[2])
+            extra.append(_pack(features, mean.shape[2:]))
+        extra_t = torch.cat(extra, dim=1)
+        return torch.cat([mean, extra_t], dim=1), torch.cat([std, torch.zeros_like(extra_t)], dim=1)
+
+    def noisy_and_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        noisy, target = super().noisy_and_target(x0[:, : self.z], noise[:, : self.z], t)
+        return torch.cat([noisy, x0[:, self.z :]], dim=1), target
+
+    def model_inputs(self, noisy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(hidden_states, encoder_hidden_states_image)`` the transformer gets for ``noisy`` (from
+        :meth:`noisy_and_target`)."""
+        hidden = noisy[:, : self.width]
+        if not self.image_features:
+            return hidden, None
+        if self._image_tokens is None:
+            raise InternalError("the Wan I2V conditioning was not encoded before the model ran; please report it")
+        return hidden, _unpack(noisy[:, self.width :], self._image_tokens)
+
+    def predict(self, noisy: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        dtype = self._dtype()
+        hidden, image = self.model_inputs(noisy.to(self.device))
+        timestep = (t.float() * self.timesteps).to(self.device)
+        return self.model(hidden_states=hidden.to(dtype), timestep=timestep,
+                          encoder_hidden_states=cond["encoder_hidden_states"].to(self.device, dtype),
+                          encoder_hidden_states_image=None if image is None else image.to(dtype),
+                          return_dict=False)[0].float()
+
+
+def _pack(features: torch.Tensor, grid: torch.Size) -> torch.Tensor:
+    """``[B, S, D]`` -> ``[B, k, *grid]``: the values in order, zero-padded to whole channels."""
+    b = features.shape[0]
+    per = math.prod(grid)
+    flat = features.reshape(b, -1)
+    k = -(-flat.shape[1] // per)
+    return torch.nn.functional.pad(flat, (0, k * per - flat.shape[1])).reshape(b, k, *grid)
+
+
+def _unpack(packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The inverse of :func:`_pack`: ``[B, k, *grid]`` -> ``[B, S, D]``."""
+    return packed.reshape(packed.shape[0], -1)[:, : shape[0] * shape[1]].reshape(-1, *shape)
 
 
 class CosmosDenoiser(_VideoDenoiser):
@@ -300,10 +440,44 @@ class CosmosDenoiser(_VideoDenoiser):
                           condition_mask=mask.to(dtype), padding_mask=padding, return_dict=False)[0].float()
 
 
-def denoiser_for(pipe: Any, device: torch.device) -> Denoiser:
-    """The :class:`Denoiser` of ``pipe`` (by its denoiser class), or :class:`UnsupportedAdapterError`."""
+#: the video families ``lorakit train`` covers, for the messages that refuse the others
+VIDEO_FAMILIES = ("Wan 2.1 text-to-video and image-to-video, Wan 2.2 A14B (with --expert high|low) and Cosmos "
+                  "Predict2 Video2World")
+
+
+def _expert(pipe: Any, expert: str | None) -> str | None:
+    """``expert`` checked against the pipeline: required with two experts, refused with one."""
+    two = getattr(pipe, "transformer_2", None) is not None
+    if two and expert is None:
+        from ..errors import TaskInputError
+
+        ratio = getattr(pipe.config, "boundary_ratio", None)
+        raise TaskInputError(
+            f"this {type(pipe).__name__} has two experts (Wan 2.2 A14B, boundary_ratio {ratio}): train one at a time "
+            "with --expert high (transformer, high-noise timesteps) or --expert low (transformer_2), expert= in "
+            "the library; each writes its own LoRA file", flag="--expert", field="expert")
+    if expert is not None and not two:
+        from ..errors import TaskInputError
+
+        raise TaskInputError(
+            f"--expert {expert}: this {type(pipe).__name__} has one transformer (no transformer_2); --expert is for "
+            "Wan 2.2 A14B's two experts, drop it", flag="--expert", field="expert")
+    if two and getattr(pipe.config, "boundary_ratio", None) is None:
+        raise UnsupportedAdapterError(
+            f"this {type(pipe).__name__} has a transformer_2 but no boundary_ratio in its config, so the experts' "
+            "timestep ranges are unknown; set boundary_ratio in model_index.json (Wan 2.2 A14B T2V: 0.875, I2V: 0.9)")
+    return expert
+
+
+def denoiser_for(pipe: Any, device: torch.device, expert: str | None = None) -> Denoiser:
+    """The :class:`Denoiser` of ``pipe`` (by its denoiser class), or :class:`UnsupportedAdapterError`. ``expert``
+    (``"high"``/``"low"``) picks the Wan 2.2 A14B expert to train: required for a two-expert pipeline."""
     transformer = getattr(pipe, "transformer", None)
     unet = getattr(pipe, "unet", None)
+    pipe_name = type(pipe).__name__
+    wan = pipe_name in ("WanPipeline", "WanImageToVideoPipeline")
+    if not wan and expert is not None:
+        _expert(pipe, expert)
     if unet is not None:
         return (SDXLDenoiser if getattr(pipe, "text_encoder_2", None) is not None else UNetDenoiser)(pipe, device)
     name = type(transformer).__name__
@@ -311,12 +485,19 @@ def denoiser_for(pipe: Any, device: torch.device) -> Denoiser:
         return FluxDenoiser(pipe, device)
     if name.startswith("SD3Transformer2D"):
         return SD3Denoiser(pipe, device)
-    pipe_name = type(pipe).__name__
-    if name.startswith("WanTransformer3D") and pipe_name == "WanPipeline" and transformer.config.in_channels == 16:
-        return WanDenoiser(pipe, device)
+    if name.startswith("WanTransformer3D") and wan:
+        if getattr(pipe.config, "expand_timesteps", False):
+            raise UnsupportedAdapterError(
+                f"training Wan 2.2 TI2V-5B (a {pipe_name} with expand_timesteps) is not supported yet; lorakit train "
+                f"covers {VIDEO_FAMILIES}")
+        expert = _expert(pipe, expert)
+        if pipe_name == "WanImageToVideoPipeline":
+            return WanI2VDenoiser(pipe, device, expert)
+        if transformer.config.in_channels == 16:
+            return WanDenoiser(pipe, device, expert)
     if name.startswith("CosmosTransformer3D") and pipe_name == "Cosmos2VideoToWorldPipeline":
         return CosmosDenoiser(pipe, device)
     raise UnsupportedAdapterError(
         f"training a {pipe_name} ({name or 'no denoiser'}) is not supported yet; lorakit train covers "
-        "SD 1.x/2.x, SDXL, SD3, FLUX.1, Wan 2.1 text-to-video and Cosmos Predict2 Video2World pipelines"
+        f"SD 1.x/2.x, SDXL, SD3 and FLUX.1 images, and video: {VIDEO_FAMILIES}"
     )
