@@ -82,3 +82,39 @@ def test_the_finiteness_screen_runs_only_where_the_fused_value_can_overflow() ->
     with pytest.raises(NonFiniteError, match="NaN/Inf"):
         lorakit.apply(model, [(lora, 1.0)])
     assert torch.equal(model[0].weight.detach(), w0)  # nothing was applied
+
+
+def test_fp16_screen_catches_overflow_from_the_unrounded_value_and_passes_values_that_round_finite() -> None:
+    from lorakit.errors import NonFiniteError
+
+    model = nn.Sequential(nn.Linear(8, 8)).half()
+    w0 = model[0].weight.detach().clone()
+    big = LoRA({"0": Layer("0", None, "0", weight=LoRAWeights(torch.full((4, 8), 300.0), torch.full((8, 4), 300.0),
+                                                            alpha=4.0))})
+    with pytest.raises(NonFiniteError, match="NaN/Inf"):  # 4·300·300 = 360000 overflows fp16
+        lorakit.apply(model, [(big, 1.0)])
+    assert torch.equal(model[0].weight.detach(), w0)
+    # W + Δ just above 65504 in fp32 rounds to 65504 in fp16: finite, applied
+    with torch.no_grad():
+        model[0].weight.zero_()
+    edge = LoRA({"0": Layer("0", None, "0", weight=LoRAWeights(torch.full((1, 8), 1.0), torch.full((8, 1), 65510.0),
+                                                             alpha=1.0))})
+    with lorakit.apply(model, [(edge, 1.0)]):
+        assert torch.equal(model[0].weight.detach(), torch.full((8, 8), 65504.0, dtype=torch.float16))
+    assert torch.equal(model[0].weight.detach(), torch.zeros(8, 8, dtype=torch.float16))
+
+
+def test_the_alias_index_is_reused_for_the_same_modules_and_rebuilt_when_the_tree_changes() -> None:
+    from lorakit.families import base
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    first = base.build_index({"denoiser": model})
+    again = base.build_index({"denoiser": model})
+    assert again._map == first._map and again._map is not first._map
+    assert again.modules["denoiser"]["0"] is model[0]
+    model[1] = nn.Linear(8, 8)  # a replaced module: the index names the new one
+    rebuilt = base.build_index({"denoiser": model})
+    assert rebuilt.modules["denoiser"]["1"] is model[1]
+    model.add_module("extra", nn.Linear(8, 8))
+    assert base.build_index({"denoiser": model}).lookup("denoiser", "extra") is not None
+    assert len(base._INDEX_CACHE) <= base._INDEX_CACHE_SIZE

@@ -194,10 +194,28 @@ def register_family(family: Family | type[Family]) -> Family:
 
 def build_index(components: Mapping[str, nn.Module], families: Iterable[Family] | None = None) -> NameIndex:
     """Index every module of every component under its dotted and flattened names, then the aliases of
-    each family that recognises the component. Generic names win over family aliases on conflict."""
+    each family that recognises the component. Generic names win over family aliases on conflict.
+
+    With the registered families (``families=None``) the alias map of a model is remembered: an apply, a remove
+    and the next apply on the same modules reuse it (a SD1.5 UNet: ~60 ms of alias building per apply). The entry
+    is keyed by the identity, type and name of every module of every component, read from one traversal, so any
+    change of the module tree (a module added, replaced or renamed, a family registered) builds it again; it
+    holds module names only, never modules."""
     index = NameIndex()
+    mods_of = {component: dict(root.named_modules()) for component, root in components.items()}
+    key = None
+    if families is None:
+        key = (len(FAMILIES), tuple(
+            (component, tuple((name, id(m), type(m)) for name, m in mods.items())) for component, mods in mods_of.items()
+        ))
+        hit = _INDEX_CACHE.get(key)
+        if hit is not None:
+            _INDEX_CACHE[key] = _INDEX_CACHE.pop(key)  # most recently used last
+            index._map, index.families = dict(hit[0]), list(hit[1])
+            index.modules = mods_of
+            return index
     for component, root in components.items():
-        mods = dict(root.named_modules())
+        mods = mods_of[component]
         index.modules[component] = mods
         for name in mods:
             if not name:
@@ -215,4 +233,13 @@ def build_index(components: Mapping[str, nn.Module], families: Iterable[Family] 
                     flat = alias.name.replace(".", "_")
                     if flat != alias.name:
                         index.add(component, flat, alias.targets, override=alias.override)
+    if key is not None:
+        _INDEX_CACHE[key] = (dict(index._map), tuple(index.families))
+        while len(_INDEX_CACHE) > _INDEX_CACHE_SIZE:
+            _INDEX_CACHE.pop(next(iter(_INDEX_CACHE)))
     return index
+
+
+#: the alias maps of the last few models indexed (:func:`build_index`); names and targets only
+_INDEX_CACHE: dict[tuple, tuple[dict, tuple[str, ...]]] = {}
+_INDEX_CACHE_SIZE = 4

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from torch import nn
 
 from ..errors import MetaDeviceError
@@ -9,10 +11,15 @@ from ..errors import MetaDeviceError
 __all__ = ["refuse_meta"]
 
 
-def refuse_meta(components: dict[str, nn.Module], target: object) -> None:
-    """Raise :class:`MetaDeviceError` when a component holds ``meta`` tensors (no weights to patch)."""
+def refuse_meta(components: dict[str, nn.Module], target: object,
+                modules: Mapping[str, Mapping[str, nn.Module]] | None = None) -> None:
+    """Raise :class:`MetaDeviceError` when a component holds ``meta`` tensors (no weights to patch). ``modules``:
+    each component's ``named_modules()`` when the caller has them (one traversal less)."""
     for comp, root in components.items():
-        for name, p in root.named_parameters():
+        mods = modules[comp] if modules is not None else dict(root.named_modules())
+        params = ((f"{m_name}.{p_name}".lstrip("."), p) for m_name, m in mods.items()
+                  for p_name, p in m._parameters.items() if p is not None)
+        for name, p in params:
             if p.device.type == "meta":
                 raise MetaDeviceError(
                     f"the {type(target).__name__} ({comp}) is on the meta device ({name} has no data): a LoRA "

@@ -200,8 +200,14 @@ def _may_overflow(dtype: torch.dtype, factors: list[tuple[torch.Tensor, torch.Te
         return True
     bound = 0.0
     for up, down, alpha in factors:
-        bound += abs(alpha) * up.shape[1] * float(up.abs().amax()) * float(down.abs().amax())
+        bound += abs(alpha) * up.shape[1] * _absmax(up) * _absmax(down)
     return not math.isfinite(bound) or bound > torch.finfo(dtype).max / 4
+
+
+def _absmax(t: torch.Tensor) -> float:
+    """``max |t|`` in one pass without a temporary (NaN propagates)."""
+    low, high = torch.aminmax(t)
+    return max(-float(low), float(high))
 
 
 def _fused_low_rank(param: nn.Parameter | None, original: torch.Tensor, live: list[Contribution], strengths: list[float]) -> torch.Tensor:
@@ -218,9 +224,11 @@ def _fused_low_rank(param: nn.Parameter | None, original: torch.Tensor, live: li
     o2 = out.view(rows, cols)
     check = _may_overflow(original.dtype, factors)
     direct = original.dtype == acc  # fp32/fp64: addmm writes straight into the output rows
-    # chunks keep the scratch (half precision) and the finiteness sum in cache; with neither, one call does it all
+    # chunks keep the scratch (half precision) and the screened rows in cache; with neither, one call does it all
     step = rows if direct and not check else max(1, CHUNK // max(cols, 1))
-    sums = torch.empty((rows + step - 1) // step, dtype=torch.float32, device=dev)
+    # the screen: each chunk's extremes, taken in the accumulation dtype before rounding (in cache, no
+    # conversion): the rounded value can only be non-finite where one lies beyond the output dtype's range
+    extremes = torch.empty(((rows + step - 1) // step, 2), dtype=acc, device=dev) if check else None
     scratch = None if direct else torch.empty((min(step, rows), cols), dtype=acc, device=dev)
     for j, r0 in enumerate(range(0, rows, step)):
         r1 = min(r0 + step, rows)
@@ -233,11 +241,12 @@ def _fused_low_rank(param: nn.Parameter | None, original: torch.Tensor, live: li
             rest = factors
         for up, down, alpha in rest:
             dst.addmm_(up[r0:r1], down, alpha=alpha)
+        if extremes is not None:
+            torch.aminmax(dst, out=(extremes[j, 0], extremes[j, 1]))
         if not direct:
             o2[r0:r1].copy_(dst)
-        if check:
-            torch.sum(o2[r0:r1], dim=(0, 1), dtype=torch.float32, out=sums[j])
-    if check and not bool(torch.isfinite(sums.sum())) and not bool(torch.isfinite(out).all()) and bool(torch.isfinite(original).all()):
+    if extremes is not None and not bool(extremes.abs().max() <= torch.finfo(original.dtype).max) \
+            and not bool(torch.isfinite(out).all()) and bool(torch.isfinite(original).all()):
         names = sorted({c.layer for c in live})
         raise NonFiniteError(
             f"fusing {', '.join(names)} gives NaN/Inf in {original.dtype} (strengths {[strengths[c.lora] for c in live]}); "

@@ -670,9 +670,9 @@ def apply(
     items = _normalise(loras)
     _check_invalid(items, strict)
     components = components_of(target, component)
-    refuse_meta(components, target)
     with _model_lock(components):
         resolver = Resolver(components)
+        refuse_meta(components, target, resolver.index.modules)
         report = ApplyReport(mode=mode, families=list(resolver.index.families))
         patch = Patch(mode, items, report, components)
         patch.quant_options = QuantOptions(rounding, seed, requant_warn)
@@ -681,9 +681,9 @@ def apply(
         _commit(patch, plan, type(target).__name__)  # everything is computed and checked: only now does the model change
         report.untouched_modules = sum(
             1
-            for root in components.values()
-            for m in root.modules()
-            if isinstance(getattr(m, "weight", None), torch.Tensor) and id(m) not in plan.touched
+            for mods in resolver.index.modules.values()
+            for m in mods.values()
+            if id(m) not in plan.touched and isinstance(getattr(m, "weight", None), torch.Tensor)
         )
         report.notes = family_notes(resolver, report, [lora for lora, _ in items])
         report.invalid = {_label(lora, i): dict(sorted(lora.report.invalid.items()))
