@@ -253,6 +253,9 @@ def steps_for(world: World, device: torch.device, grad_accum: int, mixed_precisi
               log: Callable[[str], None] | None = None) -> AccelerateSteps | OwnSteps:
     """Accelerate's when it is installed, else lorakit's own; lorakit's own for fp16 on the CPU (Accelerate runs
     fp16 on the CPU without autocast or loss scaling, i.e. silently in fp32)."""
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")  # what `accelerate launch --mixed_precision` set
+    if launcher and launcher.lower() != mixed_precision and log is not None:
+        log(f"accelerate launch asks for mixed precision {launcher}; lorakit uses --mixed-precision {mixed_precision}")
     if mixed_precision == "fp16" and device.type == "cpu":
         if log is not None:
             log("fp16 on the CPU: lorakit's own autocast and loss scaling (Accelerate would run it in fp32)")
