@@ -59,8 +59,13 @@ class World:
         return float(t)
 
     def device(self, requested: str | None) -> torch.device:
+        """``requested``, else this process's GPU (``LOCAL_RANK``), else the CPU. A bare ``cuda`` with more than one
+        process means this process's GPU too (DDP wants the module on the device of its rank)."""
         if requested is not None:
-            return torch.device(requested)
+            chosen = torch.device(requested)
+            if chosen.type == "cuda" and chosen.index is None and self.size > 1:
+                return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            return chosen
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if self.size > 1 else 0)
         return torch.device("cpu")
