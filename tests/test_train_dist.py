@@ -1,5 +1,6 @@
 """Two CPU processes (gloo; the environment ``accelerate launch`` / ``torchrun`` give each process: RANK,
-WORLD_SIZE, MASTER_ADDR/PORT) with batch 1 each equal one process with batch 2, within float tolerance. The
+WORLD_SIZE, MASTER_ADDR/PORT) with batch 1 each equal one process with batch 2, within float tolerance, and their
+gradients go through Accelerate's DDP wrapper once per optimizer step (``accumulate``: ``no_sync`` else). The
 processes are forked from the test so they need not import diffusers again. The same through the real
 ``accelerate launch`` binary is opt-in (``LORAKIT_TEST_ACCELERATE=1``): its two fresh interpreters take ~95 s on
 a busy 2-core machine."""
@@ -31,11 +32,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, data: str, out: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank: int, port: int, data: str, out: str, counts: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
+    seen = {"ddp": 0, "syncs": 0, "no_sync": 0}
+    ddp = torch.nn.parallel.DistributedDataParallel
+    init, no_sync = ddp.__init__, ddp.no_sync
+
+    def counting_init(self, *args, **kwargs):  # the DDP wrapper accelerator.prepare builds: count its all-reduces
+        init(self, *args, **kwargs)
+        seen["ddp"] += 1
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def hook(state, bucket):
+            seen["syncs"] += bucket.index() == 0  # one per synced backward, however many buckets
+            return allreduce_hook(state, bucket)
+
+        self.register_comm_hook(None, hook)
+
+    def counting_no_sync(self):
+        seen["no_sync"] += 1
+        return no_sync(self)
+
+    ddp.__init__, ddp.no_sync = counting_init, counting_no_sync  # this forked process only
     try:
         train(lorakit.tiny_pipeline(), data, TrainConfig(**OPTIONS, batch_size=1, output=out))
+        Path(f"{counts}.{rank}").write_text(json.dumps(seen))
     finally:
         import torch.distributed as dist
 
@@ -50,12 +73,18 @@ def test_two_gloo_processes_equal_one_with_the_global_batch(tmp_path):
     torch.set_num_threads(1)
     ctx = multiprocessing.get_context("fork")
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(data), str(out2))) for r in range(2)]
+    counts = tmp_path / "counts"
+    procs = [ctx.Process(target=_worker, args=(r, port, str(data), str(out2), str(counts))) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(300)
     assert [p.exitcode for p in procs] == [0, 0]
+    # accelerator.accumulate: the gradients are all-reduced once per optimizer step (3), not per micro-batch (6);
+    # the other micro-batch of each step runs under DDP no_sync (rank 1 gets no sample of the short last batch of
+    # each epoch and still joins the all-reduce, with zeros)
+    for rank in range(2):
+        assert json.loads(Path(f"{counts}.{rank}").read_text()) == {"ddp": 1, "syncs": 3, "no_sync": 3}, rank
     one = train(lorakit.tiny_pipeline(), data, TrainConfig(**OPTIONS, batch_size=2, output=tmp_path / "one.safetensors"))
     a, b = load_file(tmp_path / "one.safetensors"), load_file(out2)
     assert list(a) == list(b) and one.steps == 3

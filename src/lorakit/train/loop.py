@@ -25,7 +25,7 @@ from .buckets import assign
 from .build import Built, from_file, new_network, text_encoders
 from .config import TrainConfig, TrainResult
 from .data import Sample, load_samples, size_of, split, to_pixels, to_video_pixels
-from .dist import world
+from .dist import steps_for, world
 from .objective import Denoiser, denoiser_for
 from .output import denoiser_prefix, write
 from .report import write_report
@@ -169,11 +169,13 @@ class _Run:
         if c.gradient_checkpointing and hasattr(self.denoiser.model, "enable_gradient_checkpointing"):
             self.denoiser.model.enable_gradient_checkpointing()
         total = self.total_steps()
-        self.optimizer = _optimizer(self._param_groups(), c)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(c, total))
-        # fp16 autocast: dynamic loss scaling (as Accelerate and the diffusers scripts do), so that small activation
-        # gradients do not flush to zero in fp16; bf16 and fp32 need none
-        self.scaler = torch.amp.GradScaler(self.device.type) if c.mixed_precision == "fp16" else None
+        # accumulation, autocast, fp16 loss scaling and the gradient all-reduce: an accelerate.Accelerator (see dist)
+        self.steps = steps_for(self.world, self.device, c.grad_accum, c.mixed_precision, self.log)
+        self.accelerator = self.steps.accelerator
+        optimizer = _optimizer(self._param_groups(), c)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(c, total))
+        self.optimizer = self.steps.prepare(network, optimizer)
+        self.scaler = self.steps.scaler  # fp16: checkpointed with the run
         self._print_stats()
         self._fixed_validation()
         if c.resume is not None:
@@ -267,6 +269,9 @@ class _Run:
             self.log(f"mismatch: {line}")
 
     def close(self) -> None:
+        if getattr(self, "steps", None) is not None:
+            self.steps.close()
+            self.steps = None
         if self.built is not None:
             self.built.network.detach()
         if self._patch is not None:
@@ -342,17 +347,15 @@ class _Run:
         return per.mean()
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        mp = self.config.mixed_precision
-        if mp == "no":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.float16 if mp == "fp16" else torch.bfloat16)
+        return self.steps.autocast()
 
     # -- steps ---------------------------------------------------------------------------------------------------
     def one_step(self) -> float:
         """One optimizer update over ``grad_accum`` global batches; returns their mean loss (all processes)."""
         total = 0.0
-        k = self.config.grad_accum
-        for _ in range(k):
+        steps = self.steps
+        params = self.built.network.trainable_parameters()
+        for _ in range(self.config.grad_accum):
             batch = self.data.next(self.generator)
             n = len(batch)
             mine = self.world.mine(n, self.config.batch_size)
@@ -364,27 +367,18 @@ class _Run:
                 offset = torch.randn(*shape[:2], *([1] * (len(shape) - 2)), generator=self.generator)
                 noise = noise + self.config.noise_offset * offset
             local = [self.train_samples[i] for i in batch[mine]]
-            if not local:
-                continue
-            mean, std, cond = self._encode(local)
-            x0 = mean + std * eps[mine].to(mean.device)
-            loss = self._loss(x0, noise[mine], t[mine], cond) * (len(local) / n)
-            scaled = loss / k
-            (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
-            total += float(loss.detach())
-        params = self.built.network.trainable_parameters()
-        self.world.average_gradients(params)
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
-        if self.scaler is None:
-            self.optimizer.step()
-        else:  # skips the step when a gradient is inf/NaN (and lowers the scale)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            with steps.micro_batch():  # no gradient sync but on the step's last micro-batch
+                if not local:  # a short last batch left this process nothing: it still joins the sync, with zeros
+                    steps.backward(steps.forward(lambda: sum(p.sum() for p in params) * 0.0))
+                    continue
+                mean, std, cond = self._encode(local)
+                x0 = mean + std * eps[mine].to(mean.device)
+                loss = steps.forward(self._loss, x0, noise[mine], t[mine], cond)
+                steps.backward(loss * steps.weight(len(local), n))
+                total += float(loss.detach() * (len(local) / n))
+        steps.step(self.optimizer, params, self.config.max_grad_norm)
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return self.world.total(total) / k
+        return steps.total(total) / self.config.grad_accum
 
     def _latent_shape(self, sample: Sample) -> tuple[int, ...]:
         """The latent shape of ``sample``'s bucket (one encode per bucket, remembered)."""
