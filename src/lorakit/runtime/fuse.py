@@ -212,9 +212,9 @@ def _absmax(t: torch.Tensor) -> float:
 
 def _fused_low_rank(param: nn.Parameter | None, original: torch.Tensor, live: list[Contribution], strengths: list[float]) -> torch.Tensor:
     """The fast path (whole-tensor low-rank contributions): row chunks of ``W + Σ sᵢ·scaleᵢ·upᵢ @ downᵢ``
-    computed in fp32 in a cache-sized scratch and rounded once into the output, so memory is read once and
-    written once (the in-place floor) whatever the dtype. Finiteness: one fp32 sum per chunk where
-    the result could overflow (:func:`_may_overflow`)."""
+    computed in fp32 in a cache-sized scratch (fp32 weights: in the output rows) and rounded once into the output,
+    so W is read once and the output written once whatever the dtype. Finiteness: the extremes of each unrounded
+    chunk where the result could overflow (:func:`_may_overflow`)."""
     w2 = original.view(original.shape[0], -1)
     rows, cols = w2.shape
     acc = torch.float64 if original.dtype == torch.float64 else torch.float32
@@ -223,23 +223,20 @@ def _fused_low_rank(param: nn.Parameter | None, original: torch.Tensor, live: li
     out = _output_for(param, original)
     o2 = out.view(rows, cols)
     check = _may_overflow(original.dtype, factors)
-    direct = original.dtype == acc  # fp32/fp64: addmm writes straight into the output rows
-    # chunks keep the scratch (half precision) and the screened rows in cache; with neither, one call does it all
-    step = rows if direct and not check else max(1, CHUNK // max(cols, 1))
+    direct = original.dtype == acc  # fp32/fp64: the output rows themselves are the scratch
+    # Row chunks keep each step in cache: W's rows are read once from memory and the output's written once, the
+    # GEMM works on cached rows (one addmm into another tensor is a full copy, then a GEMM over memory: ~5 passes
+    # over W's bytes instead of ~3). A GPU gets the whole tensor in one call where it can: per-chunk launches cost more
+    whole = direct and not check and dev.type != "cpu"
+    step = rows if whole else max(1, CHUNK // max(cols, 1))
     # the screen: each chunk's extremes, taken in the accumulation dtype before rounding (in cache, no
     # conversion): the rounded value can only be non-finite where one lies beyond the output dtype's range
     extremes = torch.empty(((rows + step - 1) // step, 2), dtype=acc, device=dev) if check else None
     scratch = None if direct else torch.empty((min(step, rows), cols), dtype=acc, device=dev)
     for j, r0 in enumerate(range(0, rows, step)):
         r1 = min(r0 + step, rows)
-        if direct:
-            dst = o2[r0:r1]
-            torch.addmm(w2[r0:r1], factors[0][0][r0:r1], factors[0][1], alpha=factors[0][2], out=dst)
-            rest = factors[1:]
-        else:
-            dst = scratch[: r1 - r0].copy_(w2[r0:r1])
-            rest = factors
-        for up, down, alpha in rest:
+        dst = (o2[r0:r1] if direct else scratch[: r1 - r0]).copy_(w2[r0:r1])
+        for up, down, alpha in factors:
             dst.addmm_(up[r0:r1], down, alpha=alpha)
         if extremes is not None:
             torch.aminmax(dst, out=(extremes[j, 0], extremes[j, 1]))
